@@ -1,0 +1,1 @@
+"""Hydra configs shipped inside the package (``pkg://lightning_peft.conf``)."""

@@ -1,0 +1,1 @@
+"""Tiny versioned model families."""
