@@ -1,0 +1,43 @@
+"""lightning-peft: parameter-efficient fine-tuning adapters as PyTorch Lightning plugins.
+
+Attach an adapter callback to a ``Trainer`` and any LightningModule is adapted::
+
+    trainer = L.Trainer(callbacks=[lightning_peft.LoRA(r=8)])
+    trainer.fit(my_module)
+    lightning_peft.save_adapter(my_module, "adapter/")   # peft's folder format
+"""
+
+from lightning_peft import methods  # noqa: F401  (registers the built-in methods)
+from lightning_peft.adapter_io import (
+    AdapterFormatError,
+    BaseModelMismatchWarning,
+    base_fingerprint,
+    load_adapter,
+    save_adapter,
+)
+from lightning_peft.callback import AdapterCallback
+from lightning_peft.config import AdapterConfig
+from lightning_peft.methods.lora import LoRA, LoRAConfig
+from lightning_peft.registry import available_methods, create_method, get_method, register_method
+from lightning_peft.targeting import NoTargetModulesError, find_target_modules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterCallback",
+    "AdapterConfig",
+    "AdapterFormatError",
+    "BaseModelMismatchWarning",
+    "LoRA",
+    "LoRAConfig",
+    "NoTargetModulesError",
+    "__version__",
+    "available_methods",
+    "base_fingerprint",
+    "create_method",
+    "find_target_modules",
+    "get_method",
+    "load_adapter",
+    "register_method",
+    "save_adapter",
+]

@@ -1,0 +1,302 @@
+"""Adapter folders in peft's own format, with the base model they were trained on.
+
+``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as
+``PeftModel.save_pretrained`` does (keys ``base_model.model.<module path>.<tensor>``), so
+plain ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The safetensors header
+also records the base model's fingerprint: name or path, a hash of its config and a hash of
+its weights (per tensor, from a fixed sample of each tensor rounded to bf16, so the same base
+loaded in fp32 or bf16, on CPU or GPU, has the same fingerprint).
+
+``load_adapter`` compares that fingerprint with the model it loads onto. A different base
+with the same shapes (an updated release: v1 -> v2) loads with a
+:class:`BaseModelMismatchWarning` that names what differs; different shapes fail before the
+model is touched. Only JSON and safetensors are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from lightning_peft.atomic import atomic_directory
+from lightning_peft.checkpointing import adapter_key_prefixes, install_adapter_only_state_dict
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_KEY = "lightning_peft"
+PEFT_PREFIX = "base_model.model."
+_SAMPLE = 4096  # elements hashed per tensor: cheap for 7B models, yet any real update shows
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """An adapter is loaded onto a base model other than the one it was trained on."""
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder is missing, incomplete, corrupted or made for other shapes."""
+
+
+# --------------------------------------------------------------------------- locating modules
+def find_base_model(module: nn.Module) -> tuple[str, nn.Module]:
+    """Return ``(prefix, model)``: the model a user would hand to ``PeftModel.from_pretrained``.
+
+    The shallowest ``transformers.PreTrainedModel`` inside ``module``; for a plain
+    ``nn.Module`` inside a LightningModule, the single child that holds every adapter;
+    otherwise ``module`` itself (prefix ``""``).
+    """
+    for name, sub in module.named_modules():  # pre-order: shallowest first
+        if isinstance(sub, PreTrainedModel):
+            return name, sub
+    if isinstance(module, L.LightningModule):
+        tops = {n.split(".")[0] for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+        if len(tops) == 1:
+            top = tops.pop()
+            return top, module.get_submodule(top)
+    return "", module
+
+
+def _adapter_owner(module: nn.Module, adapter_name: str | None) -> tuple[str, nn.Module, str]:
+    """Shallowest submodule carrying ``peft_config`` with the adapter; returns (prefix, owner, name)."""
+    owners = [(n, m) for n, m in module.named_modules() if getattr(m, "peft_config", None)]
+    names = sorted({a for _, m in owners for a in m.peft_config})
+    if not owners:
+        raise ValueError(
+            f"{type(module).__name__} has no adapter to save; attach an adapter callback (e.g. LoRA()) and "
+            "fit, or load one with load_adapter"
+        )
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(f"the module holds several adapters {names}; pass adapter_name= one of them")
+        adapter_name = names[0]
+    for prefix, owner in owners:
+        if adapter_name in owner.peft_config:
+            return prefix, owner, adapter_name
+    raise ValueError(f"no adapter named {adapter_name!r}; the module holds {names}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _relative(name: str, prefix: str) -> str:
+    if not prefix:
+        return name
+    if not name.startswith(prefix + "."):
+        raise ValueError(f"adapter tensor {name!r} lies outside the base model {prefix!r}; it cannot be saved in peft format")
+    return name[len(prefix) + 1 :]
+
+
+# --------------------------------------------------------------------------- fingerprints
+def _tensor_hash(t: torch.Tensor) -> str:
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
+    data = sample.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    return hashlib.sha256(repr(tuple(t.shape)).encode() + data).hexdigest()[:16]
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return {}
+    kept = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as stored: int dict keys become str
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Fingerprint of a base model's identity: name, config hash and weight hashes.
+
+    Adapter tensors are left out and peft's ``.base_layer`` is removed from names, so the
+    fingerprint of a model is the same before and after an adapter is injected.
+    """
+    skip = adapter_key_prefixes(model)
+    tensors = {
+        n.replace(".base_layer.", "."): _tensor_hash(p)
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not n.startswith(skip)
+    }
+    config = _config_dict(model)
+    return {
+        "name_or_path": str(getattr(model, "name_or_path", "") or ""),
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "config": config,
+        "weights_sha256": hashlib.sha256("".join(f"{k}:{v}" for k, v in sorted(tensors.items())).encode()).hexdigest(),
+        "tensors": tensors,
+    }
+
+
+def describe_base_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Human-readable difference between two fingerprints; ``None`` when they are the same base."""
+    if saved.get("weights_sha256") == current["weights_sha256"] and saved.get("config_sha256") == current["config_sha256"]:
+        return None
+    parts = []
+    if saved.get("config_sha256") != current["config_sha256"]:
+        old, new = saved.get("config", {}), current["config"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        parts.append("config differs in " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:8]))
+    old_t, new_t = saved.get("tensors", {}), current["tensors"]
+    changed = [k for k in new_t if k in old_t and old_t[k] != new_t[k]]
+    if changed:
+        parts.append(f"{len(changed)} of {len(new_t)} weight tensors differ (e.g. {', '.join(changed[:3])})")
+    missing = sorted(set(old_t) ^ set(new_t))
+    if missing:
+        parts.append(f"{len(missing)} tensors exist in only one of them (e.g. {', '.join(missing[:3])})")
+    return "; ".join(parts) or "weights differ"
+
+
+# --------------------------------------------------------------------------- save
+def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:
+    """Write one adapter of ``module`` as a peft adapter folder, atomically.
+
+    Args:
+        module: A LightningModule or model holding an injected adapter.
+        path: Target folder; replaced only once the new folder is complete.
+        adapter_name: Which adapter; optional when the module holds one.
+
+    Returns:
+        The folder path.
+
+    Raises:
+        ValueError: no adapter, or several and ``adapter_name`` not given.
+    """
+    owner_prefix, owner, name = _adapter_owner(module, adapter_name)
+    base_prefix, base = find_base_model(module)
+    config = copy.deepcopy(owner.peft_config[name])
+    tensors = {
+        PEFT_PREFIX + _relative(_join(owner_prefix, k), base_prefix): v.detach().to("cpu").contiguous()
+        for k, v in get_peft_model_state_dict(owner, adapter_name=name).items()
+    }
+    targets = config.target_modules
+    if isinstance(targets, (list, set, tuple)):  # full names -> names relative to the base model
+        config.target_modules = sorted(
+            _relative(_join(owner_prefix, t), base_prefix) if _join(owner_prefix, t).startswith(base_prefix) else t
+            for t in targets
+        )
+    config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
+    config.inference_mode = True
+    meta = {"adapter_name": name, "base": base_fingerprint(base)}
+    with atomic_directory(path) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- load
+def read_adapter(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an adapter folder: (peft config, tensors with peft keys, lightning_peft metadata or {}).
+
+    Raises:
+        AdapterFormatError: folder or files missing, JSON or safetensors corrupted.
+    """
+    path = Path(path)
+    fix = "point to a folder written by lightning_peft.save_adapter or PeftModel.save_pretrained"
+    if not path.is_dir():
+        raise AdapterFormatError(f"adapter folder {str(path)!r} does not exist; {fix}")
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / f).is_file():
+            extra = " (pickled adapter_model.bin is not read: re-save it as safetensors)" if f == WEIGHTS_FILE else ""
+            raise AdapterFormatError(f"adapter folder {str(path)!r} has no {f}{extra}; {fix}")
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        config = PeftConfig.from_peft_type(**raw)
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise AdapterFormatError(f"{path / CONFIG_FILE} is corrupted or not a peft config ({exc}); re-save the adapter") from exc
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{path / WEIGHTS_FILE} is corrupted ({exc}); re-save the adapter") from exc
+    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+    return config, tensors, meta
+
+
+def _remove_adapter(model: nn.Module, name: str) -> None:
+    """Undo ``inject_adapter_in_model`` for one adapter (restores the original layers)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer) and name in child.active_adapters:
+                if len(getattr(child, "peft_config", {}) or {}) > 1 or len(child._get_available_adapters()) > 1:
+                    child.delete_adapter(name)
+                else:
+                    setattr(parent, child_name, child.get_base_layer())
+    configs = getattr(model, "peft_config", None)
+    if configs is not None:
+        configs.pop(name, None)
+        if not configs:
+            del model.peft_config
+
+
+def load_adapter(
+    module: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Inject a saved adapter (ours or any peft adapter folder) into a model or LightningModule.
+
+    Args:
+        module: The target; its base model is found as in :func:`find_base_model`.
+        path: Adapter folder.
+        adapter_name: Name given to the adapter inside the model.
+        is_trainable: Keep the adapter's parameters trainable (default: frozen, for inference).
+
+    Returns:
+        ``module``, adapted in place.
+
+    Raises:
+        AdapterFormatError: folder missing/corrupted, or its tensors do not fit this model's
+            shapes (the model is left exactly as it was).
+
+    Warns:
+        BaseModelMismatchWarning: shapes fit but the base differs from the one the adapter was
+            trained on (config or weights); the message names the differences.
+    """
+    config, tensors, meta = read_adapter(path)
+    _, base = find_base_model(module)
+    if adapter_name in (getattr(base, "peft_config", None) or {}):
+        raise ValueError(f"the model already holds an adapter named {adapter_name!r}; pass another adapter_name=")
+    grad_before = {n: p.requires_grad for n, p in base.named_parameters()}  # injection freezes the base
+    try:
+        inject_adapter_in_model(config, base, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    except ValueError as exc:
+        raise AdapterFormatError(f"adapter at {str(path)!r} does not fit this model: {exc}") from exc
+    expected = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
+    problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k}: not in this model" for k in tensors if k not in expected]
+    if problems:
+        _remove_adapter(base, adapter_name)
+        for n, p in base.named_parameters():
+            p.requires_grad_(grad_before.get(n, p.requires_grad))
+        raise AdapterFormatError(
+            f"adapter at {str(path)!r} was made for other shapes or modules: {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}. Load it onto the base model it was trained on "
+            f"({meta.get('base', {}).get('name_or_path') or config.base_model_name_or_path or 'unknown'}) "
+            "or one of the same architecture and size."
+        )
+    set_peft_model_state_dict(base, {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}, adapter_name, low_cpu_mem_usage=True)
+    for n, p in base.named_parameters():
+        if f".{adapter_name}." in n and n.startswith(adapter_key_prefixes(base)):
+            p.requires_grad_(is_trainable)
+    install_adapter_only_state_dict(module)
+    if "base" in meta:
+        diff = describe_base_difference(meta["base"], base_fingerprint(base))
+        if diff:
+            warnings.warn(
+                f"adapter at {str(path)!r} was trained on base {meta['base'].get('name_or_path')!r} but is loaded onto "
+                f"{getattr(base, 'name_or_path', '') or type(base).__name__!r}: {diff}. Shapes match, so it is applied; "
+                "expect changed quality (an updated base). Re-tune, or carry it over with TransPEFT/Trans-LoRA.",
+                BaseModelMismatchWarning,
+                stacklevel=2,
+            )
+    return module

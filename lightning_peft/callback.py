@@ -1,0 +1,133 @@
+"""``AdapterCallback``: inject a peft-backed adapter into **any** LightningModule.
+
+Where injection happens (Lightning 2.x ``Trainer._run`` order, integration.md):
+
+    Callback.setup ──► LightningModule.configure_model ──► ckpt weights loaded
+        ──► strategy.setup (precision, DDP/FSDP wrap, optimizers) ──► on_fit_start (summary)
+
+* model built in ``__init__``: injected in ``Callback.setup``;
+* model built in ``configure_model``: the callback replaces ``pl_module.configure_model`` by
+  a wrapper that calls the user's hook and then injects. The wrapper deliberately does **not**
+  use ``functools.wraps``: Lightning's ``is_overridden`` follows ``__wrapped__`` to the
+  original function and would then skip the hook.
+
+Both are before checkpoint weights are restored and before optimizers and DDP/FSDP wrapping,
+so resumed runs find the adapter tensors, ``configure_optimizers`` sees only adapter
+parameters, and Lightning's model summary counts them as the trainable parameters.
+Injection is idempotent (``configure_model`` runs again on every fit/validate/test), and
+several callbacks stack: each injects its own named adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import lightning as L
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from peft import PeftConfig, inject_adapter_in_model
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.checkpointing import install_adapter_only_state_dict
+from lightning_peft.config import AdapterConfig
+from lightning_peft.targeting import find_target_modules
+
+log = logging.getLogger(__name__)
+_INJECTORS = "_lightning_peft_injectors"
+
+
+class AdapterCallback(L.Callback):
+    """Base class of every adapter method; subclasses say how their config becomes a peft config.
+
+    Subclasses set ``config_cls`` and implement :meth:`to_peft_config`, then register with
+    :func:`lightning_peft.register_method`. Everything else (targeting, freezing, adapter-only
+    checkpoints, state, the ``configure_model`` hook-up) is written once here.
+
+    Args:
+        config: The method's typed config.
+    """
+
+    method_name: ClassVar[str] = "adapter"
+    config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, config: AdapterConfig) -> None:
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.target_names: list[str] = []
+
+    def to_peft_config(self, target_names: list[str]) -> PeftConfig:
+        """The peft config that adapts exactly ``target_names`` (full module names)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement to_peft_config")
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # distinct per adapter so stacked callbacks of one class keep separate state
+        return f"{type(self).__qualname__}[{self.config.adapter_name}]"
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            _inject_after_configure_model(pl_module, self)
+        else:
+            self.inject(pl_module)
+
+    def inject(self, module: nn.Module) -> nn.Module:
+        """Inject this callback's adapter into ``module`` in place (no-op if already there).
+
+        Freezes every parameter that is not an adapter tensor and makes ``module.state_dict()``
+        adapter-only.
+
+        Raises:
+            NoTargetModulesError: no module matches ``target_modules`` (close names listed).
+        """
+        name = self.config.adapter_name
+        if name in getattr(module, "peft_config", {}):
+            return module
+        self.target_names = find_target_modules(
+            module, self.config.target_modules, self.config.exclude_modules, method=self.method_name
+        )
+        inject_adapter_in_model(self.to_peft_config(self.target_names), module, adapter_name=name)
+        install_adapter_only_state_dict(module)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in module.parameters())
+        log.info(
+            "%s[%s]: adapted %d modules; trainable %d / %d parameters (%.3f%%)",
+            self.method_name, name, len(self.target_names), trainable, total, 100 * trainable / max(total, 1),
+        )
+        return module
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method_name, "config": dataclasses.asdict(self.config), "targets": self.target_names}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, now = state_dict.get("config", {}), dataclasses.asdict(self.config)
+        diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
+        if diff:
+            pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{self.method_name}[{self.config.adapter_name}]: the checkpoint was trained with another "
+                f"adapter config ({pretty}). Resume with the checkpoint's settings, or start a new run."
+            )
+
+
+def _inject_after_configure_model(pl_module: L.LightningModule, callback: AdapterCallback) -> None:
+    """Have ``pl_module.configure_model`` inject ``callback``'s adapter after building the model."""
+    injectors: list[AdapterCallback] = pl_module.__dict__.setdefault(_INJECTORS, [])
+    if callback not in injectors:
+        injectors.append(callback)
+    if len(injectors) > 1:  # already wrapped by an earlier callback; it runs all injectors
+        return
+    user_hook = pl_module.configure_model
+
+    def configure_model() -> None:  # not functools.wraps: see the module docstring
+        user_hook()
+        for injector in injectors:
+            injector.inject(pl_module)
+
+    pl_module.configure_model = configure_model  # type: ignore[method-assign]

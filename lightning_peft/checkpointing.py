@@ -1,0 +1,70 @@
+"""Adapter-only state dicts: what a checkpoint of an adapted LightningModule holds.
+
+Once an adapter is injected, ``module.state_dict()`` keeps only adapter tensors (everything
+on a peft tuner layer except its wrapped ``base_layer``) and parameters that are still
+trainable; frozen base weights are dropped, so a ``ModelCheckpoint`` file is a small
+fraction of the model (also with ``save_weights_only=True``, where callback hooks do not
+run). Loading such a state dict reports no missing frozen keys, so Lightning's strict
+loading still catches a missing or misnamed *adapter* tensor.
+
+Lightning loads checkpoint weights after ``Callback.setup`` and ``configure_model`` (see
+``shared/reference/integration.md``), i.e. after injection, so the hooks are in place when
+it does. To get the full weights, call ``state_dict()`` on the wrapped model itself (e.g.
+``pl_module.model.state_dict()``) or merge with ``peft``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+_HOOKED = "_lightning_peft_adapter_only_state_dict"
+
+
+def adapter_key_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """State-dict key prefixes (with trailing dot) of every injected adapter's tensors.
+
+    Structural, as in peft 0.21: every child of a tuner layer except ``base_layer``; so a base
+    module whose name happens to contain ``lora_`` is never mistaken for an adapter.
+    """
+    prefixes: list[str] = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = f"{name}." if name else ""
+            prefixes += [f"{base}{child}." for child, _ in layer.named_children() if child != "base_layer"]
+            # parameters/buffers stored directly on the tuner layer (e.g. ParameterDict entries)
+            prefixes += [f"{base}{p}" for p, _ in layer.named_parameters(recurse=False)]
+            prefixes += [f"{base}{b}" for b, _ in layer.named_buffers(recurse=False)]
+    return tuple(prefixes)
+
+
+def kept_keys_filter(module: nn.Module):
+    """Predicate on state-dict keys (relative to ``module``): adapter tensor or trainable parameter."""
+    prefixes = adapter_key_prefixes(module)
+    trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return lambda key: key in trainable or key.startswith(prefixes)
+
+
+def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    keep = kept_keys_filter(module)
+    for key in [k for k in state_dict if k.startswith(prefix) and not keep(k[len(prefix) :])]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen(module: nn.Module, incompatible_keys: Any) -> None:
+    keep = kept_keys_filter(module)
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if keep(k)]
+
+
+def install_adapter_only_state_dict(module: nn.Module) -> None:
+    """Make ``module.state_dict()`` adapter-only and its loading tolerant of absent frozen keys.
+
+    Idempotent: hooks are registered once per module.
+    """
+    if getattr(module, _HOOKED, False):
+        return
+    module.register_state_dict_post_hook(_drop_frozen)
+    module.register_load_state_dict_post_hook(_ignore_missing_frozen)
+    object.__setattr__(module, _HOOKED, True)

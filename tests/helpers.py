@@ -1,0 +1,103 @@
+"""Small user-style LightningModules and data used across tests (not a test file)."""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torch.utils.data import TensorDataset
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lightning_peft.data import resumable_loader
+
+VOCAB = 101  # prime: no power-of-two coincidences
+
+
+def save_random_llama(path, hidden: int = 32, layers: int = 2, seed: int = 0, **overrides) -> str:
+    """A randomly initialised Llama saved with ``save_pretrained`` (a real HF folder)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=overrides.pop("vocab_size", VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **overrides,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+class _LMBase(LightningModule):
+    lr = 1e-2
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self(ids)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class EagerLM(_LMBase):
+    """Builds its HF model in ``__init__``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.model = AutoModelForCausalLM.from_pretrained(path)
+        self.model.train()
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, labels=ids).loss
+
+
+class LazyLM(EagerLM):
+    """Builds its HF model in ``configure_model`` (idempotent), as large-model code does."""
+
+    def __init__(self, path: str) -> None:
+        LightningModule.__init__(self)
+        self.path, self.model = path, None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = AutoModelForCausalLM.from_pretrained(self.path)
+            self.model.train()
+
+
+class PlainNet(nn.Module):
+    """A plain torch model: no transformers, no naming convention; ``head`` is its output layer."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 24) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(self.blocks(self.embed(ids)))
+
+
+class WrappedPlainLM(_LMBase):
+    """A LightningModule around a plain ``nn.Module`` under an arbitrary attribute name."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = PlainNet()
+
+    def forward(self, ids):
+        logits = self.net(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+
+
+def token_loader(n: int = 64, seq: int = 12, batch_size: int = 8, seed: int = 0):
+    """Random token batches, shuffled and resumable at any step."""
+    g = torch.Generator().manual_seed(seed)
+    return resumable_loader(TensorDataset(torch.randint(0, VOCAB, (n, seq), generator=g)), batch_size, seed=seed)
+
+
+def base_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Non-adapter parameters under names without peft's ``.base_layer`` (comparable before/after injection)."""
+    return {
+        n.replace(".base_layer.", "."): p.detach().clone()
+        for n, p in module.named_parameters()
+        if "lora_" not in n
+    }

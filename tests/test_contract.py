@@ -1,0 +1,170 @@
+"""The contract every adapter method keeps: each method joins with ONE row of ``METHODS``.
+
+A row gives the registry name, constructor kwargs, and the number of trainable parameters
+the method adds to one ``nn.Linear(in, out)`` (an independent expectation, from the paper's
+formula). Every test below runs for every row, through Lightning's own ``Trainer``,
+``ModelCheckpoint`` and peft's own loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import EagerLM, LazyLM, WrappedPlainLM, base_params, save_random_llama, token_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import lightning_peft as lp
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kwargs: dict
+    params_per_linear: Callable[[int, int], int]  # (in_features, out_features) -> trainable count
+
+
+METHODS = [
+    Row("lora", {"r": 4, "alpha": 8}, lambda i, o: 4 * (i + o)),  # A: r x in, B: out x r
+]
+ROWS = [pytest.param(r, id=r.name) for r in METHODS]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    return save_random_llama(tmp_path_factory.mktemp("base") / "llama", hidden=32)
+
+
+def _module(kind: str, base_dir: str) -> L.LightningModule:
+    return {"eager": lambda: EagerLM(base_dir), "configure_model": lambda: LazyLM(base_dir), "plain": WrappedPlainLM}[kind]()
+
+
+def _trainer(tmp_path: Path, callbacks, max_steps: int, **kw) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps, callbacks=callbacks, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, logger=kw.pop("logger", False), **kw,
+    )
+
+
+def _expected_trainable(module, row: Row) -> int:
+    linear = [m for n, m in module.named_modules() if n.endswith(".base_layer")]
+    return sum(row.params_per_linear(m.in_features, m.out_features) for m in linear)
+
+
+# what "all-linear" must select in each kind of module: every linear layer except the output head
+ALL_LINEAR = {
+    "eager": {f"model.model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    "plain": {"net.blocks.0", "net.blocks.2"},
+}
+ALL_LINEAR["configure_model"] = ALL_LINEAR["eager"]
+
+
+def row_targets(module) -> list[str]:
+    return [n.removesuffix(".base_layer") for n, _ in module.named_modules() if n.endswith(".base_layer")]
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("kind", ["eager", "configure_model", "plain"])
+def test_only_adapter_parameters_train(row: Row, kind: str, base_dir: str, tmp_path: Path) -> None:
+    module = _module(kind, base_dir)
+    if kind == "configure_model":
+        module.configure_model()  # snapshot the base before fit; the callback must still inject after it
+    before = base_params(module)
+    trainer = _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3)
+    trainer.fit(module, token_loader())
+
+    after = base_params(module)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a base weight changed"
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(row.name in n for n in trainable), sorted(trainable)[:3]
+    assert sum(p.numel() for p in trainable.values()) == _expected_trainable(module, row)
+    assert ModelSummary(module).trainable_parameters == _expected_trainable(module, row)
+    assert set(row_targets(module)) == ALL_LINEAR[kind]
+
+
+@pytest.fixture(scope="module")
+def wide_base_dir(tmp_path_factory) -> str:
+    """Wide enough that a checkpoint's fixed overhead (loops, callbacks: ~50 kB) does not dominate."""
+    return save_random_llama(tmp_path_factory.mktemp("wide") / "llama", hidden=128)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_checkpoint_is_adapter_only_and_resume_is_exact(row: Row, wide_base_dir: str, tmp_path: Path) -> None:
+    base_dir = wide_base_dir
+    def run(name: str, max_steps: int, ckpt_path: str | None = None) -> tuple[EagerLM, list[float]]:
+        torch.manual_seed(0)
+        module = EagerLM(base_dir)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1)
+        logger = CSVLogger(tmp_path, name=name, version=0)
+        trainer = _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs), ckpt], max_steps, logger=logger,
+                           log_every_n_steps=1)
+        trainer.fit(module, token_loader(n=48), ckpt_path=ckpt_path)
+        logger.finalize("success")
+        rows = (tmp_path / name / "version_0" / "metrics.csv").read_text().splitlines()[1:]
+        return module, [float(r.split(",")[-1]) for r in rows if r.split(",")[-1]]
+
+    full, full_losses = run("full", max_steps=9)  # crosses an epoch boundary (6 batches per epoch)
+    _, first_losses = run("first", max_steps=4)
+    ckpt = tmp_path / "first" / "epoch=0-step=4.ckpt"
+    resumed, resumed_losses = run("resumed", max_steps=9, ckpt_path=str(ckpt))
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all(row.name in k for k in state["state_dict"]), "checkpoint holds base weights"
+    assert state["optimizer_states"] and any(k.startswith("LoRA") or row.name in k.lower() for k in state["callbacks"])
+    full_size = sum(p.numel() * p.element_size() for p in EagerLM(base_dir).parameters())
+    assert ckpt.stat().st_size < 0.25 * full_size, (ckpt.stat().st_size, full_size)
+
+    assert first_losses == full_losses[:4]
+    assert resumed_losses == full_losses[4:], "resumed run logged other losses"
+    adapters = lambda m: {k: v for k, v in m.state_dict().items()}  # noqa: E731  (adapter-only by contract)
+    assert adapters(full).keys() == adapters(resumed).keys()
+    assert all(torch.equal(adapters(full)[k], adapters(resumed)[k]) for k in adapters(full))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_weights_only_checkpoint_is_adapter_only(row: Row, base_dir: str, tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_train_steps=2)
+    _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs), ckpt], max_steps=2).fit(EagerLM(base_dir), token_loader())
+    state = torch.load(next(tmp_path.glob("*.ckpt")), map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all(row.name in k for k in state["state_dict"])
+    assert "optimizer_states" not in state
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_peft_round_trip(row: Row, base_dir: str, tmp_path: Path) -> None:
+    module = EagerLM(base_dir)
+    _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3).fit(module, token_loader())
+    folder = lp.save_adapter(module, tmp_path / "adapter")
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    module.eval()
+    with torch.no_grad():
+        ours = module.model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        untouched = plain(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(plain, folder).eval()(input_ids=ids).logits
+        reloaded = lp.load_adapter(EagerLM(base_dir).eval(), folder).model(input_ids=ids).logits
+    assert not torch.allclose(ours, untouched), "training did not change the adapted output"
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reloaded, ours, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_stacks_with_a_second_adapter(row: Row, base_dir: str, tmp_path: Path) -> None:
+    first = lp.create_method(row.name, **row.kwargs)
+    second = lp.LoRA(r=2, target_modules=["q_proj"], adapter_name="extra")
+    module = LazyLM(base_dir)
+    _trainer(tmp_path, [first, second], max_steps=2).fit(module, token_loader())
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert any(".default." in n for n in names) and any(".extra." in n for n in names)
+    assert first.state_key != second.state_key
