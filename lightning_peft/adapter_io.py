@@ -216,7 +216,7 @@ def read_adapter(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor],
         raise AdapterFormatError(f"{path / CONFIG_FILE} is corrupted or not a peft config ({exc}); re-save the adapter") from exc
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{path / WEIGHTS_FILE} is corrupted ({exc}); re-save the adapter") from exc

@@ -120,7 +120,7 @@ def _no_match_message(model: nn.Module, target_modules: TargetSpec, method: str,
     linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w).split(".")[-1], leaves, n=3, cutoff=0.4)})
+    close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(str(w).split(".")[-1], leaves, n=3, cutoff=0.4)))  # closest first
     msg = f"{method}: no module matches target_modules={target_modules!r}."
     if close:
         msg += f" Close names: {', '.join(close)}."
