@@ -1,0 +1,97 @@
+"""``lightning-peft train``: compose model + method + task + trainer with Hydra, fit, test, save.
+
+The run directory (Hydra's output dir) ends up holding ``checkpoints/`` (adapter-only),
+``adapter/`` (peft format), ``results.json`` and the logger's files (``wandb/`` offline
+by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_peft as lp
+
+log = logging.getLogger(__name__)
+
+
+def _loggers(cfg: DictConfig) -> Any:
+    logger_cfg = cfg.get("logger")
+    return instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the results written to ``results.json``."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    datamodule = instantiate(cfg.task)
+    module = instantiate(cfg.module)
+    method = instantiate(cfg.method)
+    callbacks = [method, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
+    logger = _loggers(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.test_after_fit:
+            (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update({k: float(v) for k, v in test.items()})
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        results: dict[str, Any] = {
+            "model": cfg.model.name_or_path,
+            "method": type(method).method_name,
+            "task": type(datamodule).task_name,
+            "steps": trainer.global_step,
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "metrics": metrics,
+            "run_dir": str(run_dir),
+            "checkpoint": str(ckpt),
+            # adapter-only checkpoint (adapter + optimizer + loop state) vs all model weights
+            "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 3) if ckpt.exists() else None,
+            "model_mb": round(base_bytes / 2**20, 3),
+        }
+        if cfg.save_adapter:
+            results["adapter"] = str(lp.save_adapter(module, run_dir / "adapter"))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print_results(results)
+        return results
+    finally:
+        if logger and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()  # WandbLogger.finalize does not; needed between multirun jobs
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """Print the results table and where the run's files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['method']} on {results['task']} ({results['model']}, {results['steps']} steps)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(results["metrics"]):
+        table.add_row(key, f"{results['metrics'][key]:.4f}")
+    table.add_row("trainable params", f"{results['trainable_params']:,}")
+    if results.get("checkpoint_mb") is not None:
+        table.add_row("checkpoint / model size", f"{results['checkpoint_mb']:.2f} / {results['model_mb']:.2f} MB")
+    console = Console()
+    console.print(table)
+    console.print(f"run files: {results['run_dir']}")
+    if "adapter" in results:
+        console.print(f"adapter (peft format): {results['adapter']}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg)

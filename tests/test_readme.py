@@ -1,0 +1,31 @@
+"""The README's two set-up commands and CI's command stay in sync."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("not a source checkout")
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [line.strip() for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_opens_with_two_commands_ci_runs_the_test_one() -> None:
+    install_and_run, install_and_test = _readme_commands()
+    assert install_and_run.startswith("pip install torch==2.13.0 && ") and install_and_run.endswith("lightning-peft train")
+    assert install_and_test.startswith("pip install torch==2.13.0 && ") and install_and_test.endswith("pytest")
+    assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    listed = set(re.findall(r'"(lightning_peft[\w.]*)"', (ROOT / "pyproject.toml").read_text()))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lightning_peft").rglob("__init__.py")}
+    found |= {"lightning_peft.kernels", "lightning_peft.conf"}
+    assert found <= listed, f"add to pyproject packages: {sorted(found - listed)}"
