@@ -1,0 +1,56 @@
+"""Small torchmetrics helpers for generation-based evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+class ExactMatch(Metric):
+    """Share of predicted strings equal to their references (whitespace-normalised).
+
+    Strings cannot be synced across processes, so the metric keeps two counts, which
+    torchmetrics sums over DDP ranks.
+
+    Example:
+        >>> m = ExactMatch()
+        >>> m.update(["9", " The cat "], ["9", "The  cat"])
+        >>> m.update(["10"], ["11"])
+        >>> round(float(m.compute()), 4)
+        0.6667
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], target: Sequence[str]) -> None:
+        """Count matches of one batch.
+
+        Raises:
+            ValueError: ``preds`` and ``target`` differ in length or hold non-strings.
+        """
+        if len(preds) != len(target):
+            raise ValueError(
+                f"ExactMatch needs one prediction per reference, got {len(preds)} predictions and "
+                f"{len(target)} references; pass lists of equal length"
+            )
+        if not all(isinstance(s, str) for s in (*preds, *target)):
+            raise ValueError("ExactMatch compares strings; decode token ids to text before update()")
+        self.correct += sum(_normalize(p) == _normalize(t) for p, t in zip(preds, target))
+        self.total += len(target)
+
+    def compute(self) -> torch.Tensor:
+        """Matches / total (0 when nothing was counted)."""
+        return self.correct.float() / self.total.clamp(min=1)
