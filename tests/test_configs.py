@@ -23,7 +23,7 @@ GROUPS = ["model", "method", "task", "trainer", "logger", "experiment"]
 # options that need a value only a user can give (a real checkpoint or dataset)
 REQUIRED = {
     ("model", "hf"): ["model.name_or_path=llama-micro-v1"],
-    ("task", "hf_dataset"): ["task.path=json", "task.prompt_template={q}", "task.completion_template={a}"],
+    ("task", "hf_dataset"): ["task.path=json", "task.prompt_template='{q}'", "task.completion_template='{a}'"],
 }
 
 
@@ -70,7 +70,7 @@ def test_tasks_instantiate_with_the_micro_tokenizer(option: str, micro_model_dir
     if option == "hf_dataset":
         data = tmp_path / "qa.jsonl"
         data.write_text("\n".join(json.dumps({"q": f"{i} plus {i}?", "a": str(2 * i)}) for i in range(30)))
-        overrides += [f"task.data_files={data}", "task.path=json", "task.prompt_template={q}", "task.completion_template= {a}"]
+        overrides += [f"task.data_files={data}", "task.path=json", "task.prompt_template='{q}'", "task.completion_template=' {a}'", "task.num_val=5", "task.num_test=5"]
     datamodule = instantiate(_compose(overrides).task)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

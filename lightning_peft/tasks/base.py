@@ -120,12 +120,14 @@ class PromptCompletionDataModule(L.LightningDataModule):
             raise ValueError(f"world_version must be 'v1' or 'v2', got {world_version!r}; pick the zoo model's version")
         if truncation not in ("left", "error"):
             raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}; 'left' drops the prompt's start")
+        # `tokenizer` stays out of hparams: Lightning merges module and datamodule hparams for
+        # the loggers and refuses keys that both have with different values (CausalLMModule
+        # has its own `tokenizer` argument, None by default).
+        self.save_hyperparameters(ignore=["tokenizer"])
         if isinstance(tokenizer, PreTrainedTokenizerBase):
             self._tokenizer: PreTrainedTokenizerBase | None = tokenizer
-            self.save_hyperparameters(ignore=["tokenizer"])
         elif isinstance(tokenizer, (str, os.PathLike)):
             self._tokenizer = None
-            self.save_hyperparameters()
         else:
             raise TypeError(
                 f"tokenizer must be a PreTrainedTokenizerBase or a zoo name/path string, got {type(tokenizer).__name__}; "
