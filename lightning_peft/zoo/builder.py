@@ -1,0 +1,314 @@
+"""Build, cache and load zoo models.
+
+A built model is a folder ``$LIGHTNING_PEFT_CACHE/zoo/{name}-{digest}`` holding a
+``save_pretrained`` model (safetensors), its tokenizer and ``zoo.json`` (spec, corpus
+size, losses, build time, the parent it was continued from). The digest hashes the spec
+(and its parent chain), so changing a spec builds a new folder instead of reusing a stale
+one.
+
+Builds are atomic and safe to run concurrently: each build writes into a temporary folder
+next to the target under a per-model file lock, then renames it into place; a crashed build
+leaves no half-written model folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from filelock import FileLock
+
+from .corpus import corpus
+from .spec import ZOO_NAME_RE, ZooSpec, is_zoo_name, spec, unknown_name_error
+
+if TYPE_CHECKING:  # transformers is imported lazily: `import lightning_peft.zoo` stays cheap
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+ZOO_JSON = "zoo.json"
+WEIGHTS = "model.safetensors"
+
+
+def cache_dir() -> Path:
+    """The zoo cache: ``$LIGHTNING_PEFT_CACHE/zoo`` (default ``~/.cache/lightning_peft/zoo``)."""
+    root = os.environ.get("LIGHTNING_PEFT_CACHE") or "~/.cache/lightning_peft"
+    return Path(root).expanduser() / "zoo"
+
+
+def model_dir(name: str) -> Path:
+    """Where ``name`` is (or will be) built; it may not exist yet.
+
+    Raises:
+        ValueError: ``name`` is not a zoo name.
+    """
+    return cache_dir() / spec(name).folder_name
+
+
+def is_built(name: str) -> bool:
+    """Whether ``name`` has a complete folder in the current cache."""
+    return (model_dir(name) / ZOO_JSON).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _train_tokenizer(s: ZooSpec) -> PreTrainedTokenizerFast:
+    from .tokenizer import train_tokenizer
+
+    # v1 and v2 share one tokenizer (as Qwen2 -> Qwen2.5), so it sees both corpora.
+    texts = corpus("v1", s.seed, s.tokenizer_docs, s.world_scale) + corpus(
+        "v2", s.seed, s.tokenizer_docs, s.world_scale
+    )
+    return train_tokenizer(s.family, texts, s.vocab)
+
+
+@dataclass
+class Trained:
+    """An in-memory result of `train_model` (what `build` saves).
+
+    Attributes:
+        model: The trained causal LM (eval mode, float32).
+        tokenizer: Its tokenizer.
+        meta: The ``zoo.json`` fields known before saving.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def train_model(s: ZooSpec, parent: Path | None = None, progress: bool = False) -> Trained:
+    """Train the model of ``s`` in memory, without touching the cache.
+
+    Args:
+        s: The spec.
+        parent: Built folder of ``s.init`` (required iff ``s.init`` is set): its weights and
+            tokenizer are the starting point.
+        progress: Show a tqdm bar over the steps.
+
+    Raises:
+        ValueError: ``parent`` is missing for a continued spec or given for a fresh one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .families import make_model
+    from .train import pack, pretrain
+
+    if (parent is None) != (s.init is None):
+        raise ValueError(
+            f"{s.name}: init={s.init!r} but parent folder={parent!r}; pass the built folder of the "
+            "init model exactly when the spec continues one (build() does this)"
+        )
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    if parent is None:
+        tokenizer = _train_tokenizer(s)
+        model = make_model(s, tokenizer)
+        init = None
+    else:
+        # Continued pre-training: start from the parent's weights and tokenizer.
+        tokenizer = AutoTokenizer.from_pretrained(parent)
+        model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32, attn_implementation="sdpa")
+        pmeta = json.loads((parent / ZOO_JSON).read_text())
+        init = {
+            "name": s.init,
+            "folder": parent.name,
+            "digest": pmeta["digest"],
+            "weights_sha256": _sha256(parent / WEIGHTS),
+        }
+    docs = corpus(s.version, s.seed, s.n_docs, s.world_scale)  # type: ignore[arg-type]
+    input_ids, labels = pack(tokenizer, docs, s.seq_len)
+    result = pretrain(model, input_ids, labels, s, progress=progress)
+    tokenizer.model_max_length = s.seq_len
+    meta: dict[str, Any] = {
+        "name": s.name,
+        "digest": s.digest(),
+        "spec": s.to_dict(),
+        "world_version": s.version,
+        "corpus_docs": len(docs),
+        "corpus_tokens": int((labels != -100).sum()),
+        "blocks": len(input_ids),
+        "tokenizer_len": len(tokenizer),
+        "init": init,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.final_loss if result.losses else None,
+        "losses": [round(x, 4) for x in result.losses],
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "torch": torch.__version__,
+    }
+    return Trained(model, tokenizer, meta)
+
+
+def build_threads() -> int:
+    """CPU threads a build trains with: ``$LIGHTNING_PEFT_ZOO_THREADS``, default 1.
+
+    One thread by default, for two reasons: the result is then bit-identical whatever the
+    caller's ``torch.get_num_threads()`` (GPT-2's Conv1D sums differ in the last bit between
+    thread counts), and on a small shared machine a second process using the same cores
+    makes multi-threaded OpenMP spin-wait and run ~20x slower, while one thread degrades
+    gracefully. On an idle machine two threads are ~1.7x faster.
+
+    Raises:
+        ValueError: The variable is not a positive integer.
+    """
+    raw = os.environ.get("LIGHTNING_PEFT_ZOO_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(
+            f"LIGHTNING_PEFT_ZOO_THREADS must be a positive integer, got {raw!r}; unset it to use 1"
+        )
+    return int(raw)
+
+
+@contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """Silence transformers' own load/save progress bars when ``enabled`` is False."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _build_into(s: ZooSpec, tmp: Path, target: Path, parent: Path | None, progress: bool) -> dict[str, Any]:
+    """Train ``s`` and save it into ``tmp`` (to be renamed to ``target``); returns ``zoo.json``."""
+    t0 = time.perf_counter()
+    threads, before = build_threads(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trained = train_model(s, parent, progress)
+    finally:
+        torch.set_num_threads(before)
+    model, tokenizer = trained.model, trained.tokenizer
+    # Record the final location (not the temp folder) as the model's name.
+    model.config._name_or_path = str(target)
+    model.name_or_path = str(target)
+    tokenizer.name_or_path = str(target)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = dict(trained.meta)
+    meta["weights_sha256"] = _sha256(tmp / WEIGHTS)
+    meta["threads"] = threads
+    meta["build_seconds"] = round(time.perf_counter() - t0, 2)
+    (tmp / ZOO_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def build(name: str, *, force: bool = False, progress: bool = True) -> Path:
+    """Build zoo model ``name`` into the cache if missing (and its ``v1`` parent first).
+
+    Args:
+        name: A zoo name such as ``"llama-v1"`` or ``"gpt2-micro-v2"`` (see `names`).
+        force: Rebuild even if a folder exists (the parent is reused if built).
+        progress: Show a tqdm bar over the pre-training steps.
+
+    Returns:
+        The model folder (loadable with ``AutoModelForCausalLM.from_pretrained``).
+
+    Raises:
+        ValueError: ``name`` is not a zoo name.
+    """
+    s = spec(name)
+    root = cache_dir()
+    target = root / s.folder_name
+    if not force and (target / ZOO_JSON).is_file():
+        return target
+    parent = build(s.init, progress=progress) if s.init else None
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{s.folder_name}.lock")):
+        if not force and (target / ZOO_JSON).is_file():
+            return target  # another process built it while we waited for the lock
+        # We hold the lock, so any temp folder of this model is a killed build's leftover.
+        for stale in root.glob(f".{s.folder_name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{s.folder_name}.tmp-", dir=root))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+        log.info("building zoo model %s into %s", s.name, target)
+        try:
+            with _transformers_bars(progress):
+                _build_into(s, tmp, target, parent, progress)
+            old = None
+            if target.exists():  # force=True: swap the old folder out, then the new one in
+                old = root / f".{s.folder_name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, target)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> str:
+    """Map a zoo name to its local folder (building it if needed); pass anything else through.
+
+    Args:
+        name_or_path: A zoo name, a local folder or a Hugging Face model name.
+
+    Returns:
+        The built folder for a zoo name; otherwise ``name_or_path`` unchanged (as ``str``).
+
+    Raises:
+        ValueError: The value looks like a zoo name (``"{family}[-size]-v{n}"``) but is not
+            one and is not an existing path: a typo would otherwise reach the Hub.
+    """
+    value = os.fspath(name_or_path)
+    if is_zoo_name(value):
+        return str(build(value))
+    if ZOO_NAME_RE.match(value) and not os.path.exists(value):
+        raise unknown_name_error(value)
+    return value
+
+
+def load(
+    name: str | os.PathLike[str], **from_pretrained_kwargs: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a zoo model (built on demand) or any local/Hub model, with its tokenizer.
+
+    Args:
+        name: Zoo name, local folder or Hub name (see `resolve`).
+        **from_pretrained_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``
+            (e.g. ``dtype=torch.bfloat16``).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def info(name: str) -> dict[str, Any]:
+    """The ``zoo.json`` of a built model (building it if needed)."""
+    return json.loads((build(name, progress=False) / ZOO_JSON).read_text())
