@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lightning_peft.atomic import atomic_directory
+from lightning_peft.callback import activate_all_adapters, adapter_names
 from lightning_peft.checkpointing import adapter_key_prefixes, install_adapter_only_state_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,7 +96,7 @@ def _join(prefix: str, name: str) -> str:
 def _relative(name: str, prefix: str) -> str:
     if not prefix:
         return name
-    if not name.startswith(prefix + "."):
+    if not name.startswith(prefix + "."):  # also rejects `model_ema` for prefix `model`
         raise ValueError(f"adapter tensor {name!r} lies outside the base model {prefix!r}; it cannot be saved in peft format")
     return name[len(prefix) + 1 :]
 
@@ -179,16 +180,16 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
         PEFT_PREFIX + _relative(_join(owner_prefix, k), base_prefix): v.detach().to("cpu").contiguous()
         for k, v in get_peft_model_state_dict(owner, adapter_name=name).items()
     }
-    targets = config.target_modules
-    if isinstance(targets, (list, set, tuple)):  # full names -> names relative to the base model
-        config.target_modules = sorted(
-            _relative(_join(owner_prefix, t), base_prefix) if _join(owner_prefix, t).startswith(base_prefix) else t
-            for t in targets
-        )
+    # the layers that really carry this adapter, relative to the base model (peft suffix-matches them)
+    config.target_modules = sorted(
+        _relative(n, base_prefix)
+        for n, m in module.named_modules()
+        if isinstance(m, BaseTunerLayer) and name in m._get_available_adapters()
+    )
     config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
     config.inference_mode = True
-    meta = {"adapter_name": name, "base": base_fingerprint(base)}
-    with atomic_directory(path) as tmp:
+    meta = {"adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
+    with atomic_directory(path, replaceable={CONFIG_FILE, WEIGHTS_FILE, "README.md"}) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
     return Path(path)
@@ -207,7 +208,8 @@ def read_adapter(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor],
         raise AdapterFormatError(f"adapter folder {str(path)!r} does not exist; {fix}")
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
-            extra = " (pickled adapter_model.bin is not read: re-save it as safetensors)" if f == WEIGHTS_FILE else ""
+            pickled = f == WEIGHTS_FILE and (path / "adapter_model.bin").is_file()
+            extra = " (its pickled adapter_model.bin is not read: re-save it as safetensors)" if pickled else ""
             raise AdapterFormatError(f"adapter folder {str(path)!r} has no {f}{extra}; {fix}")
     try:
         raw = json.loads((path / CONFIG_FILE).read_text())
@@ -264,7 +266,10 @@ def load_adapter(
     """
     config, tensors, meta = read_adapter(path)
     _, base = find_base_model(module)
-    if adapter_name in (getattr(base, "peft_config", None) or {}):
+    saved_base = meta.get("base_module")
+    if not isinstance(base, PreTrainedModel) and saved_base and saved_base in dict(module.named_modules()):
+        base = module.get_submodule(saved_base)  # a plain nn.Module (e.g. at `net`) before it holds adapters
+    if adapter_name in adapter_names(module):
         raise ValueError(f"the model already holds an adapter named {adapter_name!r}; pass another adapter_name=")
     grad_before = {n: p.requires_grad for n, p in base.named_parameters()}  # injection freezes the base
     try:
@@ -274,6 +279,7 @@ def load_adapter(
     expected = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
     problems += [f"{k}: not in this model" for k in tensors if k not in expected]
+    problems += [f"{k}: in this model but not in the file" for k in expected if k not in tensors]
     if problems:
         _remove_adapter(base, adapter_name)
         for n, p in base.named_parameters():
@@ -285,6 +291,7 @@ def load_adapter(
             "or one of the same architecture and size."
         )
     set_peft_model_state_dict(base, {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}, adapter_name, low_cpu_mem_usage=True)
+    activate_all_adapters(base)
     for n, p in base.named_parameters():
         if f".{adapter_name}." in n and n.startswith(adapter_key_prefixes(base)):
             p.requires_grad_(is_trainable)
@@ -295,7 +302,7 @@ def load_adapter(
             warnings.warn(
                 f"adapter at {str(path)!r} was trained on base {meta['base'].get('name_or_path')!r} but is loaded onto "
                 f"{getattr(base, 'name_or_path', '') or type(base).__name__!r}: {diff}. Shapes match, so it is applied; "
-                "expect changed quality (an updated base). Re-tune, or carry it over with TransPEFT/Trans-LoRA.",
+                "expect changed quality (an updated base): evaluate it there, or re-tune it on the new base.",
                 BaseModelMismatchWarning,
                 stacklevel=2,
             )

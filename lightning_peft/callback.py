@@ -27,12 +27,13 @@ from typing import Any, ClassVar
 import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from peft import PeftConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from typing_extensions import override
 
 from lightning_peft.checkpointing import install_adapter_only_state_dict
 from lightning_peft.config import AdapterConfig
-from lightning_peft.targeting import find_target_modules
+from lightning_peft.targeting import exact_pattern, find_target_modules
 
 log = logging.getLogger(__name__)
 _INJECTORS = "_lightning_peft_injectors"
@@ -86,11 +87,22 @@ class AdapterCallback(L.Callback):
         """
         name = self.config.adapter_name
         if name in getattr(module, "peft_config", {}):
-            return module
+            return module  # injected by this callback on an earlier configure_model/setup
+        if name in adapter_names(module):
+            raise ValueError(
+                f"{self.method_name}: the model already holds an adapter named {name!r} (e.g. from load_adapter); "
+                f"pass another adapter_name to add a second adapter, or train the loaded one with "
+                f"load_adapter(..., is_trainable=True) and no {type(self).__name__} callback"
+            )
         self.target_names = find_target_modules(
             module, self.config.target_modules, self.config.exclude_modules, method=self.method_name
         )
-        inject_adapter_in_model(self.to_peft_config(self.target_names), module, adapter_name=name)
+        peft_config = self.to_peft_config(self.target_names)
+        # peft matches list entries by suffix (`model.q_proj` would also hit `ema.model.q_proj`):
+        # hand it a regex that matches exactly the modules chosen here.
+        peft_config.target_modules = exact_pattern(self.target_names)
+        inject_adapter_in_model(peft_config, module, adapter_name=name)
+        activate_all_adapters(module)
         install_adapter_only_state_dict(module)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
@@ -116,13 +128,32 @@ class AdapterCallback(L.Callback):
             )
 
 
+def adapter_names(module: nn.Module) -> set[str]:
+    """Names of all adapters injected anywhere in ``module``."""
+    return {name for m in module.modules() for name in (getattr(m, "peft_config", None) or {})}
+
+
+def activate_all_adapters(module: nn.Module) -> None:
+    """Make every adapter of every tuner layer active, keeping each parameter's ``requires_grad``.
+
+    peft's injection calls ``set_adapter(new_name)`` on all tuner layers, which would switch
+    earlier adapters off: stacked adapters must all contribute (their outputs add up).
+    """
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            grads = [(p, p.requires_grad) for p in layer.parameters()]
+            layer.set_adapter(sorted(layer._get_available_adapters()))
+            for p, g in grads:
+                p.requires_grad_(g)
+
+
 def _inject_after_configure_model(pl_module: L.LightningModule, callback: AdapterCallback) -> None:
     """Have ``pl_module.configure_model`` inject ``callback``'s adapter after building the model."""
     injectors: list[AdapterCallback] = pl_module.__dict__.setdefault(_INJECTORS, [])
     if callback not in injectors:
         injectors.append(callback)
-    if len(injectors) > 1:  # already wrapped by an earlier callback; it runs all injectors
-        return
+    if getattr(pl_module.configure_model, "_lightning_peft_injects", False):
+        return  # wrapped once already; the wrapper runs every registered injector
     user_hook = pl_module.configure_model
 
     def configure_model() -> None:  # not functools.wraps: see the module docstring
@@ -130,4 +161,5 @@ def _inject_after_configure_model(pl_module: L.LightningModule, callback: Adapte
         for injector in injectors:
             injector.inject(pl_module)
 
+    configure_model._lightning_peft_injects = True  # type: ignore[attr-defined]
     pl_module.configure_model = configure_model  # type: ignore[method-assign]

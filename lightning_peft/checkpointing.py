@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -54,17 +55,32 @@ def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 
 
 def _ignore_missing_frozen(module: nn.Module, incompatible_keys: Any) -> None:
+    # Keys carry the prefix of any outer module this one is nested in (the hook is not told
+    # it), so drop a missing key only when it *is* one of this module's frozen tensors.
     keep = kept_keys_filter(module)
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if keep(k)]
+    frozen = {k for k in _all_keys(module) if not keep(k)}
+
+    def is_frozen(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[i:]) in frozen for i in range(len(parts)))
+
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_frozen(k)]
+
+
+def _all_keys(module: nn.Module) -> set[str]:
+    """Every state-dict key of ``module`` before the adapter-only filter."""
+    keys = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    return keys | {n for n, _ in module.named_buffers(remove_duplicate=False)}
 
 
 def install_adapter_only_state_dict(module: nn.Module) -> None:
-    """Make ``module.state_dict()`` adapter-only and its loading tolerant of absent frozen keys.
+    """Make a LightningModule's ``state_dict()`` adapter-only and its loading tolerant of absent frozen keys.
 
+    Only LightningModules (what Lightning checkpoints); other modules are left alone.
     Idempotent: hooks are registered once per module.
     """
-    if getattr(module, _HOOKED, False):
-        return
+    if getattr(module, _HOOKED, False) or not isinstance(module, L.LightningModule):
+        return  # a bare model keeps its full state_dict (save_pretrained must still work)
     module.register_state_dict_post_hook(_drop_frozen)
     module.register_load_state_dict_post_hook(_ignore_missing_frozen)
     object.__setattr__(module, _HOOKED, True)

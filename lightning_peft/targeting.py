@@ -47,7 +47,7 @@ def output_heads(model: nn.Module) -> set[str]:
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
         get_out = getattr(module, "get_output_embeddings", None)
-        if callable(get_out) and name not in heads:
+        if callable(get_out):
             try:
                 out = get_out()
             except (NotImplementedError, AttributeError, TypeError):
@@ -59,6 +59,17 @@ def output_heads(model: nn.Module) -> set[str]:
         ):
             heads.add(name)
     return heads
+
+
+def exact_pattern(names: Sequence[str]) -> str:
+    """A regex that (full-)matches exactly ``names``: peft's string form of ``target_modules``."""
+    return "|".join(re.escape(n) for n in names)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer, or one already wrapped by an adapter (stacked adapters share layers)."""
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return isinstance(base, LINEAR_TYPES)
 
 
 def _matches(name: str, spec: TargetSpec) -> bool:
@@ -96,12 +107,10 @@ def find_target_modules(
     candidates = [(n, m) for n, m in model.named_modules() if n and n not in skip]
     if target_modules == "all-linear":
         heads = output_heads(model)
-        found = [n for n, m in candidates if isinstance(m, LINEAR_TYPES) and n not in heads]
+        found = [n for n, m in candidates if _is_linear(m) and n not in heads]
     else:
         found = [n for n, m in candidates if _matches(n, target_modules)]
-        wrong_type = [n for n in found if not isinstance(model.get_submodule(n), (*LINEAR_TYPES, nn.Embedding))]
-        already = [n for n, m in candidates if isinstance(m, BaseTunerLayer) and _matches(n, target_modules)]
-        wrong_type = [n for n in wrong_type if n not in already]
+        wrong_type = [n for n in found if not (_is_linear(model.get_submodule(n)) or isinstance(model.get_submodule(n), nn.Embedding))]
         if wrong_type:
             kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in wrong_type[:5])
             raise ValueError(
@@ -117,11 +126,13 @@ def find_target_modules(
 
 def _no_match_message(model: nn.Module, target_modules: TargetSpec, method: str, skip: Iterable[str]) -> str:
     skip = set(skip)
-    linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and n not in skip]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(str(w).split(".")[-1], leaves, n=3, cutoff=0.4)))  # closest first
     msg = f"{method}: no module matches target_modules={target_modules!r}."
+    if isinstance(target_modules, str) and re.fullmatch(r"[\w.]+", target_modules):
+        msg += f" A string is a regex over full module names; for a name or suffix pass a list: [{target_modules!r}]."
     if close:
         msg += f" Close names: {', '.join(close)}."
     if leaves:

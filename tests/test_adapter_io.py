@@ -130,6 +130,59 @@ def test_failed_save_keeps_the_previous_folder(saved: Path, bases, monkeypatch) 
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_save_never_replaces_a_folder_that_is_not_an_adapter(bases, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"precious")
+    module = EagerLM(bases["v1"])
+    lp.LoRA(r=2).inject(module)
+    with pytest.raises(FileExistsError, match=r"already holds other files \(checkpoints\).*run/adapter"):
+        lp.save_adapter(module, run_dir)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"precious"
+
+
+def test_adapter_names_never_clash(saved: Path, bases) -> None:
+    trained = EagerLM(bases["v1"])
+    lp.LoRA(r=2).inject(trained)
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
+        lp.load_adapter(trained, saved)
+    loaded = lp.load_adapter(EagerLM(bases["v1"]), saved)
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'.*another adapter_name"):
+        lp.LoRA(r=2).inject(loaded)
+
+
+def test_loading_onto_a_bare_hf_model_keeps_save_pretrained_whole(saved: Path, bases, tmp_path: Path) -> None:
+    model = lp.load_adapter(AutoModelForCausalLM.from_pretrained(bases["v1"]), saved)
+    assert "model.embed_tokens.weight" in model.state_dict()
+
+
+def test_plain_peft_folder_with_short_names(bases, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(bases["v1"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        ours = lp.load_adapter(EagerLM(bases["v1"]).eval(), tmp_path / "peft").model(input_ids=ids).logits
+        torch.testing.assert_close(ours, peft_model.eval()(input_ids=ids).logits)
+    deeper = EagerLM(save_random_llama(tmp_path / "deeper", hidden=32, layers=3))
+    with pytest.raises(lp.AdapterFormatError, match="layers.2.self_attn.q_proj.lora_A.weight: in this model but not in the file"):
+        lp.load_adapter(deeper, tmp_path / "peft")
+    assert not any(isinstance(m, BaseTunerLayer) for m in deeper.modules())
+
+
+def test_strict_loading_survives_nesting(bases) -> None:
+    outer = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "lm": EagerLM(bases["v1"])})
+    lp.LoRA(r=2).inject(outer["lm"])
+    missing = outer.load_state_dict({}, strict=False).missing_keys
+    assert "a.weight" in missing and any(k.startswith("lm.") and "lora_A" in k for k in missing)
+    assert not any("base_layer" in k or "embed_tokens" in k for k in missing)
+
+
 def test_save_without_adapter_or_with_ambiguous_name_fails(bases, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no adapter to save"):
         lp.save_adapter(EagerLM(bases["v1"]), tmp_path / "a")
@@ -140,4 +193,4 @@ def test_save_without_adapter_or_with_ambiguous_name_fails(bases, tmp_path: Path
         lp.save_adapter(module, tmp_path / "a")
     lp.save_adapter(module, tmp_path / "a", adapter_name="other")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 2
-    assert not (tmp_path / "a").with_name(".a.tmp").exists()
+    assert not any(p.name.startswith(".a.") for p in tmp_path.iterdir())

@@ -105,6 +105,30 @@ def test_cli_train_smoke_run(micro_model_dir: str, tmp_path: Path) -> None:
     assert "run files:" in proc.stdout and "test/loss" in proc.stdout
 
 
+def test_cli_without_a_test_split_still_saves(micro_model_dir: str, tmp_path: Path) -> None:
+    proc = _cli(["train", "experiment=smoke", "task.num_test=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not any(k.startswith("test/") for k in results["metrics"]) and Path(results["adapter"]).is_dir()
+
+
+def test_cli_logs_offline_to_wandb(micro_model_dir: str, tmp_path: Path) -> None:
+    from helpers import read_wandb_offline_run
+
+    proc = _cli(["train", "experiment=smoke", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_offline_run(run_file)
+    key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  ("a/b" arrives as nested_key)
+    rows = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    config = {key(u): json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert sum("train/loss" in row for row in rows) == 4  # one per step (log_every_n_steps=1)
+    (test_row,) = [row for row in rows if "test/exact_match" in row]
+    assert test_row["test/loss"] == pytest.approx(results["metrics"]["test/loss"])
+    assert config["method"]["_target_"] == "lightning_peft.LoRA" and config["method"]["r"] == 8
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [

@@ -23,6 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
+from lightning_peft import zoo
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ def base_dir(tmp_path_factory) -> str:
 
 
 def _module(kind: str, base_dir: str) -> L.LightningModule:
+    if kind == "gpt2":
+        return EagerLM(zoo.resolve("gpt2-micro-v1"))
     return {"eager": lambda: EagerLM(base_dir), "configure_model": lambda: LazyLM(base_dir), "plain": WrappedPlainLM}[kind]()
 
 
@@ -142,21 +145,36 @@ def test_weights_only_checkpoint_is_adapter_only(row: Row, base_dir: str, tmp_pa
 
 
 @pytest.mark.parametrize("row", ROWS)
-def test_peft_round_trip(row: Row, base_dir: str, tmp_path: Path) -> None:
-    module = EagerLM(base_dir)
+@pytest.mark.parametrize("kind", ["eager", "gpt2"])
+def test_peft_round_trip(row: Row, kind: str, base_dir: str, tmp_path: Path) -> None:
+    module = _module(kind, base_dir)
+    base_dir = module.model.name_or_path
     _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3).fit(module, token_loader())
     folder = lp.save_adapter(module, tmp_path / "adapter")
-    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(3))
     module.eval()
     with torch.no_grad():
         ours = module.model(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
         untouched = plain(input_ids=ids).logits
         theirs = PeftModel.from_pretrained(plain, folder).eval()(input_ids=ids).logits
-        reloaded = lp.load_adapter(EagerLM(base_dir).eval(), folder).model(input_ids=ids).logits
+        reloaded = lp.load_adapter(_module(kind, base_dir).eval(), folder).model(input_ids=ids).logits
     assert not torch.allclose(ours, untouched), "training did not change the adapted output"
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
     torch.testing.assert_close(reloaded, ours, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_plain_module_round_trip(row: Row, tmp_path: Path) -> None:
+    module = WrappedPlainLM(seed=0)
+    _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3).fit(module, token_loader())
+    folder = lp.save_adapter(module, tmp_path / "adapter")
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(WrappedPlainLM(seed=0).net, folder)(ids)
+        reloaded = lp.load_adapter(WrappedPlainLM(seed=0), folder).net(ids)
+        torch.testing.assert_close(reloaded, module.net(ids), rtol=0, atol=1e-6)
+        torch.testing.assert_close(theirs, module.net(ids), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -167,4 +185,22 @@ def test_stacks_with_a_second_adapter(row: Row, base_dir: str, tmp_path: Path) -
     _trainer(tmp_path, [first, second], max_steps=2).fit(module, token_loader())
     names = {n for n, p in module.named_parameters() if p.requires_grad}
     assert any(".default." in n for n in names) and any(".extra." in n for n in names)
-    assert first.state_key != second.state_key
+    # both adapters contribute: a q_proj output is base + each adapter's own delta
+    layer = module.model.model.layers[0].self_attn.q_proj
+    assert sorted(layer.active_adapters) == ["default", "extra"]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in layer.lora_B.parameters():
+            p.normal_()  # make every delta nonzero
+        deltas = {a: layer.lora_B[a](layer.lora_A[a](x)) * layer.scaling[a] for a in ("default", "extra")}
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + deltas["default"] + deltas["extra"])
+    v_proj = module.model.model.layers[0].self_attn.v_proj  # holds only `default`: still active
+    assert v_proj.active_adapters == ["default"] or "default" in v_proj.active_adapters
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_two_all_linear_adapters_stack(row: Row, base_dir: str) -> None:
+    module = EagerLM(base_dir)
+    lp.create_method(row.name, **row.kwargs).inject(module)
+    lp.LoRA(r=2, adapter_name="second").inject(module)
+    assert sorted(module.model.model.layers[1].mlp.down_proj.active_adapters) == ["default", "second"]

@@ -100,9 +100,25 @@ def test_configure_model_wrapper_keeps_lightning_calling_it(llama: str) -> None:
     module = Lazy()
     lp.LoRA(r=2).setup(L.Trainer(logger=False), module, "fit")
     assert is_overridden("configure_model", module) and not hasattr(module.configure_model, "__wrapped__")
+    wrapper = module.configure_model
+    lp.LoRA(r=2).setup(L.Trainer(logger=False), module, "validate")  # a second stage: no second wrapper
     module.configure_model()
     module.configure_model()  # Lightning calls it again on every fit/validate: injection is idempotent
+    assert module.configure_model is wrapper
     assert len(module.peft_config) == 1 and "lora_A" in str(module.model.model.layers[0].self_attn.q_proj)
+
+
+def test_exactly_the_chosen_modules_are_adapted(llama: str) -> None:
+    module = EagerLM(llama)
+    module.ema = EagerLM(llama).model  # a second copy whose names end like the first's
+    lp.LoRA(r=2, target_modules=r"model\..*q_proj").inject(module)
+    adapted = [n for n, m in module.named_modules() if hasattr(m, "lora_A") and n.endswith("q_proj")]
+    assert adapted == ["model.model.layers.0.self_attn.q_proj", "model.model.layers.1.self_attn.q_proj"]
+
+
+def test_a_bare_string_gets_a_list_hint(llama: str) -> None:
+    with pytest.raises(lp.NoTargetModulesError, match=r"for a name or suffix pass a list: \['q_proj'\]"):
+        lp.find_target_modules(EagerLM(llama), "q_proj")
 
 
 def test_plain_module_targets(tmp_path) -> None:

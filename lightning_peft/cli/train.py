@@ -42,9 +42,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        adapter = lp.save_adapter(module, run_dir / "adapter") if cfg.save_adapter and trainer.is_global_zero else None
         if cfg.test_after_fit:
-            (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
-            metrics.update({k: float(v) for k, v in test.items()})
+            tests = trainer.test(module, datamodule=datamodule, verbose=False)  # [] when the task has no test split
+            metrics.update({k: float(v) for k, v in (tests[0] if tests else {}).items()})
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         results: dict[str, Any] = {
@@ -60,10 +61,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 3) if ckpt.exists() else None,
             "model_mb": round(base_bytes / 2**20, 3),
         }
-        if cfg.save_adapter:
-            results["adapter"] = str(lp.save_adapter(module, run_dir / "adapter"))
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print_results(results)
+        if adapter is not None:
+            results["adapter"] = str(adapter)
+        if trainer.is_global_zero:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            print_results(results)
         return results
     finally:
         if logger and type(logger).__name__ == "WandbLogger":
