@@ -67,6 +67,22 @@ def _ignore_missing_frozen(module: nn.Module, incompatible_keys: Any) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_frozen(k)]
 
 
+def _check_adapter_shapes(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Before torch's own size check: name a checkpoint whose adapter has other shapes (another r or targets)."""
+    own = dict(module.state_dict(keep_vars=True))  # adapter-only: what a checkpoint of this run holds
+    clashes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs this run {tuple(own[k[len(prefix):]].shape)}"
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and k[len(prefix) :] in own and hasattr(v, "shape") and v.shape != own[k[len(prefix) :]].shape
+    ]
+    if clashes:
+        raise ValueError(
+            f"the checkpoint's adapter has other shapes than this run's ({'; '.join(clashes[:3])}"
+            f"{' ...' if len(clashes) > 3 else ''}): it was trained with another rank or other target modules. "
+            "Resume with the adapter settings the checkpoint was trained with, or start a new run."
+        )
+
+
 def _all_keys(module: nn.Module) -> set[str]:
     """Every state-dict key of ``module`` before the adapter-only filter."""
     keys = {n for n, _ in module.named_parameters(remove_duplicate=False)}
@@ -82,5 +98,6 @@ def install_adapter_only_state_dict(module: nn.Module) -> None:
     if getattr(module, _HOOKED, False) or not isinstance(module, L.LightningModule):
         return  # a bare model keeps its full state_dict (save_pretrained must still work)
     module.register_state_dict_post_hook(_drop_frozen)
+    module.register_load_state_dict_pre_hook(_check_adapter_shapes)
     module.register_load_state_dict_post_hook(_ignore_missing_frozen)
     object.__setattr__(module, _HOOKED, True)

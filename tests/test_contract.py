@@ -135,6 +135,13 @@ def test_checkpoint_is_adapter_only_and_resume_is_exact(row: Row, wide_base_dir:
     assert all(torch.equal(adapters(full)[k], adapters(resumed)[k]) for k in adapters(full))
 
 
+def test_resuming_with_another_rank_says_so(base_dir: str, tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
+    _trainer(tmp_path, [lp.LoRA(r=4), ckpt], max_steps=2).fit(EagerLM(base_dir), token_loader())
+    with pytest.raises(ValueError, match=r"other shapes than this run's .*checkpoint \(4, 32\) vs this run \(8, 32\).*another rank"):
+        _trainer(tmp_path, [lp.LoRA(r=8)], max_steps=4).fit(EagerLM(base_dir), token_loader(), ckpt_path=ckpt.last_model_path or ckpt.best_model_path)
+
+
 @pytest.mark.parametrize("row", ROWS)
 def test_weights_only_checkpoint_is_adapter_only(row: Row, base_dir: str, tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_train_steps=2)
