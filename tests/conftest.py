@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+import torch  # does not import triton
+
+# Triton kernels run on CPU through the interpreter. Triton reads this when it is first
+# imported (lightning/transformers import it), so it must be set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,3 +29,18 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lightning_peft").rglob("__init__.py")}
     found |= {"lightning_peft.kernels", "lightning_peft.conf"}
     assert found <= listed, f"add to pyproject packages: {sorted(found - listed)}"
+
+
+def test_the_kernels_folder_never_shadows_hugging_faces_kernels() -> None:
+    """From a checkout's root `kernels/` is importable as top-level `kernels`: transformers must not take it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import transformers.activations\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import lightning_peft.kernels as k\n"
+        "assert not is_kernels_available() and hasattr(k, 'sddmm')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

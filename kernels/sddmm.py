@@ -1,0 +1,181 @@
+"""SDDMM: the gradient of a sparse delta, ``dS = (dO^T X)`` sampled at the mask only.
+
+For ``y = x (W + S)^T`` with ``S`` nonzero at ``(row[k], col[k])``::
+
+    dS[k] = sum_t dO[t, row[k]] * X[t, col[k]]          k = 0 .. nnz-1
+
+with ``dO`` ``(..., out)`` and ``X`` ``(..., in)``, leading dims flattened to ``T``.
+
+Cost (methods.md section 5). The dense ``dW = dO^T X`` is ``2 T out in`` FLOPs and writes
+``out * in`` values; HF PEFT's shira computes it and then gathers. SDDMM needs ``2 T nnz`` FLOPs
+(``d`` times the dense GEMM) and writes ``nnz`` values. The kernel below is element-parallel on
+CUDA cores (tensor cores do not help an unstructured mask: at d = 1% 92% of 16x16 blocks are
+non-empty). Each program owns ``BLOCK_K`` consecutive nonzeros and walks ``T`` in tiles of
+``BLOCK_T``, loading a ``(BLOCK_T, BLOCK_K)`` gather of ``dO`` columns and one of ``X`` columns:
+``2 T nnz`` element loads in total, of which the ``dO`` ones are mostly cache hits because
+row-major order makes consecutive ``k`` share ``row[k]``. Loads in the input dtype (bf16 halves
+the bytes), accumulation always in fp32.
+
+Not done yet (documented so it is not mistaken for the tuned kernel): grouping a row's
+nonzeros so ``dO[:, row]`` is loaded once into registers, and the automatic switch to
+"dense GEMM + gather" above ~3% density that section 5 asks for. ``BLOCK_*`` are defaults, not
+the result of a sweep.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning_peft.kernels._utils import HAS_TRITON, cast_rtne, should_use_triton, tl, triton
+from lightning_peft.kernels.sparse_index import SparseIndex
+
+__all__ = ["sddmm", "sddmm_reference"]
+
+# Reference: gather at most this many (T x chunk) elements per operand at a time (~16 MB fp32),
+# so the CPU path never holds more than a chunk of the (T, nnz) products.
+_REF_CHUNK_ELEMS = 1 << 22
+
+
+def _flatten(
+    grad_out: torch.Tensor, x: torch.Tensor, index: SparseIndex
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out_f, in_f = index.shape
+    if grad_out.shape[-1] != out_f or x.shape[-1] != in_f or grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"sddmm needs grad_out (..., {out_f}) and x (..., {in_f}) with equal leading dims for an index "
+            f"of shape {index.shape}, got {tuple(grad_out.shape)} and {tuple(x.shape)}."
+        )
+    return grad_out.reshape(-1, out_f), x.reshape(-1, in_f)  # (T, out), (T, in)
+
+
+def sddmm_reference(
+    grad_out: torch.Tensor, x: torch.Tensor, index: SparseIndex, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """PyTorch reference of :func:`sddmm` that never forms the dense ``(out, in)`` gradient.
+
+    Gathers the needed columns of ``dO`` and ``X`` for a chunk of nonzeros, ``(T, chunk)``
+    each, and reduces over ``T`` in fp32 (fp64 for fp64 inputs, so ``gradcheck`` works).
+
+    Args:
+        grad_out: ``(..., out)``.
+        x: ``(..., in)``, same leading dims.
+        index: ``nnz`` positions into the ``(out, in)`` weight.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``(nnz,)`` in ``out_dtype``.
+    """
+    g2, x2 = _flatten(grad_out, x, index)  # (T, out), (T, in)
+    acc = torch.promote_types(torch.promote_types(g2.dtype, x2.dtype), torch.float32)
+    nnz, t = index.nnz, g2.shape[0]
+    out = torch.empty(nnz, dtype=out_dtype, device=g2.device)
+    chunk = max(1, _REF_CHUNK_ELEMS // max(t, 1))
+    row, col = index.row.long(), index.col.long()
+    for s in range(0, nnz, chunk):
+        gs = g2[:, row[s : s + chunk]].to(acc)  # (T, chunk)
+        xs = x2[:, col[s : s + chunk]].to(acc)  # (T, chunk)
+        out[s : s + chunk] = (gs * xs).sum(0).to(out_dtype)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sddmm_kernel(
+        g_ptr,  # (T, out) grad_out
+        x_ptr,  # (T, in) input
+        row_ptr,  # (nnz,) int32
+        col_ptr,  # (nnz,) int32
+        out_ptr,  # (nnz,) result
+        T,
+        nnz,
+        stride_gt,
+        stride_go,
+        stride_xt,
+        stride_xi,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        k = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        kmask = k < nnz
+        r = tl.load(row_ptr + k, mask=kmask, other=0).to(tl.int64)
+        c = tl.load(col_ptr + k, mask=kmask, other=0).to(tl.int64)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
+            m = (t < T)[:, None] & kmask[None, :]  # (BLOCK_T, BLOCK_K)
+            g = tl.load(g_ptr + t[:, None] * stride_gt + r[None, :] * stride_go, mask=m, other=0.0)
+            xv = tl.load(x_ptr + t[:, None] * stride_xt + c[None, :] * stride_xi, mask=m, other=0.0)
+            acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)  # fp32 accumulation
+        tl.store(out_ptr + k, cast_rtne(acc, out_ptr.dtype.element_ty), mask=kmask)
+
+else:  # pragma: no cover
+    _sddmm_kernel = None
+
+_BLOCK_T = 32
+_BLOCK_K = 64
+
+
+def _sddmm_launch(
+    g2: torch.Tensor, x2: torch.Tensor, index: SparseIndex, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Host launcher: 1-D grid over ``cdiv(nnz, BLOCK_K)``; strides passed, no copies."""
+    nnz = index.nnz
+    out = torch.empty(nnz, dtype=out_dtype, device=g2.device)
+    if nnz == 0:
+        return out
+    if g2.shape[0] == 0:
+        return out.zero_()
+    grid = (triton.cdiv(nnz, _BLOCK_K),)
+    _sddmm_kernel[grid](
+        g2,
+        x2,
+        index.row,
+        index.col,
+        out,
+        g2.shape[0],
+        nnz,
+        g2.stride(0),
+        g2.stride(1),
+        x2.stride(0),
+        x2.stride(1),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_K=_BLOCK_K,
+    )
+    return out
+
+
+def sddmm(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: SparseIndex,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Sampled dense-dense matmul: ``(dO^T X)[row, col]`` without the dense ``(out, in)`` product.
+
+    Args:
+        grad_out: ``(..., out)`` fp32, bf16 or fp16; fp64 always runs the reference (fp64
+            accumulation, for ``gradcheck``), whatever ``use_triton`` says.
+        x: ``(..., in)`` with the same leading dims (flattened to ``T``).
+        index: ``nnz`` positions into the ``(out, in)`` weight (``nnz = 0`` gives ``(0,)``).
+        out_dtype: dtype of the result; fp32 by default (accumulation is fp32 regardless).
+            :class:`~lightning_peft.kernels.sparse_linear.SparseDeltaLinearFunction` passes the
+            values' dtype.
+        use_triton: ``None`` auto (CUDA -> Triton), ``True`` force, ``False`` reference.
+
+    Returns:
+        ``(nnz,)`` ``dS[k] = sum_t dO[t, row[k]] * X[t, col[k]]`` in ``out_dtype``.
+
+    Raises:
+        ValueError: shapes that do not match the index.
+    """
+    g2, x2 = _flatten(grad_out, x, index)
+    fp64 = torch.float64 in (
+        g2.dtype,
+        x2.dtype,
+    )  # the kernel accumulates in fp32: fp64 stays on the reference
+    if not fp64 and should_use_triton(_sddmm_kernel, g2, x2, index.row, use_triton=use_triton):
+        return _sddmm_launch(g2, x2, index, out_dtype)
+    return sddmm_reference(grad_out, x, index, out_dtype)
