@@ -8,7 +8,8 @@ import torch
 from torchmetrics import Metric
 
 
-def _normalize(text: str) -> str:
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of whitespace to one space and strip the ends (how answers are compared)."""
     return " ".join(text.split())
 
 
@@ -48,7 +49,7 @@ class ExactMatch(Metric):
             )
         if not all(isinstance(s, str) for s in (*preds, *target)):
             raise ValueError("ExactMatch compares strings; decode token ids to text before update()")
-        self.correct += sum(_normalize(p) == _normalize(t) for p, t in zip(preds, target))
+        self.correct += sum(normalize_whitespace(p) == normalize_whitespace(t) for p, t in zip(preds, target))
         self.total += len(target)
 
     def compute(self) -> torch.Tensor:

@@ -31,9 +31,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lightning_peft.metrics import ExactMatch
+from lightning_peft.metrics import ExactMatch, normalize_whitespace
+from lightning_peft.tasks.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Schedule = Literal["linear", "cosine", "constant"]
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 
@@ -59,10 +59,6 @@ class WarmupDecay:
         progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
         shape = 1.0 - progress if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_ratio + (1.0 - self.min_ratio) * shape
-
-
-def _normalize(text: str) -> str:
-    return " ".join(text.split())
 
 
 class CausalLMModule(L.LightningModule):
@@ -234,7 +230,7 @@ class CausalLMModule(L.LightningModule):
     def _answer_extractor(self):
         trainer = self._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return getattr(dm, "extract_answer", None) or _normalize
+        return getattr(dm, "extract_answer", None) or normalize_whitespace
 
     @torch.no_grad()
     def generate_completions(self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_peft.data import ResumableRandomSampler
+from lightning_peft.data import resumable_loader
+from lightning_peft.metrics import normalize_whitespace
 from lightning_peft.tasks.data import (
     Example,
     PromptCompletionCollator,
@@ -32,11 +33,6 @@ from lightning_peft.tasks.data import (
 )
 
 SPLITS = ("train", "val", "test")
-
-
-def normalize_whitespace(text: str) -> str:
-    """``text`` with runs of whitespace collapsed to one space and ends stripped."""
-    return " ".join(text.split())
 
 
 def _check_int(name: str, value: Any, minimum: int, fix: str, allow_none: bool = False) -> None:
@@ -198,13 +194,10 @@ class PromptCompletionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; ``state_dict``/``load_state_dict`` resume them exactly."""
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        dataset = self._dataset("train")
-        return StatefulDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=ResumableRandomSampler(len(dataset), self.shuffle_seed),
+        return resumable_loader(
+            self._dataset("train"),
+            self.batch_size,
+            seed=self.shuffle_seed,
             collate_fn=PromptCompletionCollator(self.pad_token_id, with_prompts=False),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
