@@ -105,6 +105,15 @@ def test_cli_train_smoke_run(micro_model_dir: str, tmp_path: Path) -> None:
     assert "run files:" in proc.stdout and "test/loss" in proc.stdout
 
 
+def test_cli_multirun_runs_one_job_per_value(micro_model_dir: str, tmp_path: Path) -> None:
+    proc = _cli(["train", "-m", "experiment=smoke", "method.r=2,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["steps"] for r in runs] == [4, 4]
+    assert runs[1]["trainable_params"] == 2 * runs[0]["trainable_params"]  # LoRA size is linear in r
+    assert all(Path(r["adapter"]).is_dir() for r in runs)
+
+
 def test_cli_without_a_test_split_still_saves(micro_model_dir: str, tmp_path: Path) -> None:
     proc = _cli(["train", "experiment=smoke", "task.num_test=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
