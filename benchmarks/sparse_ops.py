@@ -1,0 +1,191 @@
+"""Sparse-delta ops vs the dense baselines a user would otherwise pick (methods.md section 5).
+
+For each weight shape ``(out, in)``, token count ``T`` and density ``d`` (random masks):
+
+* ``sddmm``: ``dS`` by SDDMM vs the dense ``dO^T X`` GEMM (the ``dW`` HF shira forms), and vs
+  ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA) where it runs. Target (section 5): <= 0.4x
+  the dense GEMM at 1%, <= 0.8x at 2%; the crossover sets ``DENSE_FALLBACK_DENSITY``.
+* ``forward``: ``SparseDelta`` forward (in-place ``W[idx] += S``, GEMM, restore) vs ``F.linear``.
+* ``scatter_add``: in-place add of the delta vs a dense ``W += delta``, with GB/s on the bytes
+  actually touched (sectors holding a nonzero, read + write, plus index/values/saved copy).
+* ``train_step`` (d = 1% only): forward + backward through ``SparseDelta`` vs peft's ``shira``
+  layer at the same ``nnz = r * (out + in)``.
+
+CPU runs the PyTorch references (the Triton kernels need CUDA; on CPU they would run in the
+interpreter), at CPU sizes in fp32; CUDA runs Triton at LLaMA-7B sizes in bf16.
+
+Run: python benchmarks/sparse_ops.py [--repeats 5] [--warmup 2] [--no-csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import append_rows, device_name, gbps, peak_memory, row, tflops, time_fn  # noqa: E402
+from lightning_peft.kernels import SparseIndex, scatter_add, sddmm  # noqa: E402
+
+from lightning_peft.sparse_delta import SparseDelta, random_mask  # noqa: E402
+
+BENCH = "sparse_ops"
+DENSITIES = (0.005, 0.01, 0.02, 0.05)
+CPU_SHAPES = ((1024, 1024), (2048, 1024))
+CPU_TOKENS = (256, 1024)
+GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+GPU_TOKENS = (512, 2048, 8192)
+
+
+def _touched_bytes(index: SparseIndex, elem: int, weight_bytes: int, density: float) -> float:
+    """Bytes a scatter_add moves: touched 32-byte sectors read + written, index, values, saved copy."""
+    per_sector = max(1, 32 // elem)
+    frac = 1.0 - (1.0 - density) ** per_sector  # random mask: chance a sector holds a nonzero
+    return 2 * frac * weight_bytes + index.nnz * (4 + 4 + 4 + elem)  # row, col, fp32 values, saved
+
+
+def _sampled_addmm(g2: torch.Tensor, x2: torch.Tensor, index: SparseIndex):
+    """``torch.sparse.sampled_addmm`` closure on a CSR pattern, or ``None`` where it does not run."""
+    try:
+        crow = index.crow().to(g2.device)
+        pattern = torch.sparse_csr_tensor(crow, index.col.long(), torch.zeros(index.nnz, dtype=g2.dtype,
+                                          device=g2.device), size=index.shape)
+        gt = g2.t().contiguous()  # (out, T)
+        fn = lambda: torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0)  # noqa: E731
+        fn()
+        return fn
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _shira(out_f: int, in_f: int, r: int, dtype: torch.dtype, device: str) -> nn.Module | None:
+    try:
+        from peft import ShiraConfig, get_peft_model
+    except ImportError:
+        return None
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=False)).to(device=device, dtype=dtype)
+    return get_peft_model(model, ShiraConfig(r=r, target_modules=["0"], random_seed=0))
+
+
+def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torch.dtype, warmup: int,
+               repeats: int) -> list[list]:
+    g = torch.Generator().manual_seed(0)
+    case = f"W {out_f}x{in_f} T={t} d={d:g} {str(dtype).removeprefix('torch.')}"
+    tm = lambda fn: time_fn(fn, warmup, repeats, device)  # noqa: E731
+    rows: list[list] = []
+    index = random_mask((out_f, in_f), d, g).to(device)
+    x = torch.randn(t, in_f, generator=g).to(device, dtype)  # (T, in)
+    dout = torch.randn(t, out_f, generator=g).to(device, dtype)  # (T, out)
+
+    # dS: SDDMM vs dense dO^T X (2 T out in FLOPs) vs cuSPARSE/torch sampled_addmm
+    t_dense = tm(lambda: dout.t() @ x)  # (out, in)
+    t_sddmm = tm(lambda: sddmm(dout, x, index, torch.float32))
+    rows.append(row(BENCH, case, "sddmm_ms_vs_dense_dW", t_sddmm * 1e3, t_dense * 1e3, device))
+    rows.append(row(BENCH, case, "sddmm_TFLOPs", tflops(2 * t * index.nnz, t_sddmm), tflops(2 * t * out_f * in_f,
+                    t_dense), device))
+    sa = _sampled_addmm(dout, x, index)
+    if sa is not None:
+        rows.append(row(BENCH, case, "sddmm_ms_vs_sampled_addmm", t_sddmm * 1e3, tm(sa) * 1e3, device))
+
+    # forward: in-place merge + GEMM + restore vs plain F.linear
+    torch.manual_seed(0)
+    layer = SparseDelta(nn.Linear(in_f, out_f, bias=False), index).to(device)
+    layer.base_layer.to(dtype)
+    with torch.no_grad():
+        layer.values.normal_(0, 0.01)
+        w = layer.base_layer.weight
+        t_fwd = tm(lambda: layer(x))
+        t_lin = tm(lambda: F.linear(x, w))
+    rows.append(row(BENCH, case, "forward_ms_vs_F.linear", t_fwd * 1e3, t_lin * 1e3, device))
+
+    # scatter_add into a copy of W vs a dense W += delta
+    w2 = w.detach().clone()
+    vals = layer.values.detach()
+    delta = layer.delta_weight().to(dtype)
+    t_sc = tm(lambda: scatter_add(w2, index, vals, 1e-6))
+    t_dm = tm(lambda: w2.add_(delta, alpha=1e-6))
+    rows.append(row(BENCH, case, "scatter_add_ms_vs_dense_add", t_sc * 1e3, t_dm * 1e3, device))
+    wbytes = w.numel() * w.element_size()
+    rows.append(row(BENCH, case, "scatter_add_GBps_touched",
+                    gbps(_touched_bytes(index, w.element_size(), wbytes, d), t_sc),
+                    gbps(2 * wbytes + delta.numel() * delta.element_size(), t_dm), device))
+    return rows
+
+
+def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dtype, warmup: int,
+                     repeats: int) -> list[list]:
+    """Forward + backward, SparseDelta vs peft shira, at shira's nnz = r * (out + in) ~ 1%."""
+    r = max(1, round(0.01 * out_f * in_f / (out_f + in_f)))
+    nnz = r * (out_f + in_f)
+    d = nnz / (out_f * in_f)
+    case = f"W {out_f}x{in_f} T={t} nnz={nnz} (d={d:.4f}) {str(dtype).removeprefix('torch.')}"
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, in_f, generator=g).to(device, dtype)
+    dy = torch.randn(t, out_f, generator=g).to(device, dtype)
+    torch.manual_seed(0)
+    flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
+    ours = SparseDelta(nn.Linear(in_f, out_f, bias=False), SparseIndex.from_flat(flat, (out_f, in_f))).to(device)
+    ours.base_layer.to(dtype)
+    shira = _shira(out_f, in_f, r, dtype, device)
+    rows: list[list] = []
+
+    def step(model: nn.Module) -> None:
+        model(x).backward(dy)
+        for p in model.parameters():
+            p.grad = None
+
+    t_ours = time_fn(lambda: step(ours), warmup, repeats, device)
+    if shira is None:
+        rows.append(row(BENCH, case, "train_step_ms_vs_peft_shira", t_ours * 1e3, None, device))
+        return rows
+    assert sum(p.numel() for p in shira.parameters() if p.requires_grad) == nnz
+    t_shira = time_fn(lambda: step(shira), warmup, repeats, device)
+    rows.append(row(BENCH, case, "train_step_ms_vs_peft_shira", t_ours * 1e3, t_shira * 1e3, device))
+    if torch.device(device).type == "cuda":  # CPU max-RSS deltas are too coarse to compare two models
+        rows.append(row(BENCH, case, "train_step_peak_MiB_vs_peft_shira", peak_memory(lambda: step(ours), device)
+                        / 2**20, peak_memory(lambda: step(shira), device) / 2**20, device))
+    return rows
+
+
+def print_table(rows: list[list]) -> None:
+    w = max(len(r[1]) for r in rows)
+    m = max(len(r[2]) for r in rows)
+    print(f"{'case':<{w}}  {'metric':<{m}}  {'value':>10}  {'baseline':>10}  {'ratio':>7}")
+    for r in rows:
+        print(f"{r[1]:<{w}}  {r[2]:<{m}}  {r[3]:>10}  {r[4]:>10}  {r[5]!s:>7}")
+    print(f"device: {rows[0][6]}; versions: {rows[0][7]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-csv", action="store_true", help="print only, do not append to results.csv")
+    args = p.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    shapes, tokens = (GPU_SHAPES, GPU_TOKENS) if cuda else (CPU_SHAPES, CPU_TOKENS)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    print(f"sparse_ops on {device_name(args.device)} ({dtype}); "
+          f"{'Triton kernels' if cuda else 'PyTorch reference ops (CPU)'}", file=sys.stderr)
+    jobs = [("op", s, t, d) for s in shapes for t in tokens for d in DENSITIES]
+    jobs += [("train", s, t, 0.01) for s in shapes for t in tokens]
+    rows: list[list] = []
+    for kind, (o, i), t, d in tqdm(jobs, desc="sparse_ops", file=sys.stderr):
+        if kind == "op":
+            rows += bench_case(o, i, t, d, args.device, dtype, args.warmup, args.repeats)
+        else:
+            rows += bench_train_step(o, i, t, args.device, dtype, args.warmup, args.repeats)
+    print_table(rows)
+    if not args.no_csv:
+        n = append_rows(rows)
+        print(f"appended {n} rows to results.csv", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
