@@ -6,23 +6,16 @@ The Triton kernels run in Triton's CPU interpreter (``@pytest.mark.triton``).
 
 ``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported (``@triton.jit`` reads it
 when the decorator runs, and Triton's own ``tl.zeros``/``tl.sum`` are decorated at
-``import triton``). It is set here too, which is enough when this file runs alone; in the full
-suite lightning/transformers import triton earlier, so tests/conftest.py must set it at its top.
-If triton was set up for the GPU, the Triton tests skip and say so.
+``import triton``): tests/conftest.py sets it at its top on machines without CUDA. If triton
+was set up for the GPU, the Triton tests skip and say so.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from lightning_peft.kernels import (  # noqa: E402
+import torch.nn.functional as F
+from lightning_peft.kernels import (
     SparseIndex,
     scatter_add,
     scatter_add_reference,
@@ -33,9 +26,9 @@ from lightning_peft.kernels import (  # noqa: E402
     sparse_delta_linear,
     sparse_delta_linear_reference,
 )
-from lightning_peft.kernels._utils import interpreter_ready  # noqa: E402
-from lightning_peft.kernels.scatter import _scatter_kernel  # noqa: E402
-from lightning_peft.kernels.sddmm import _sddmm_kernel  # noqa: E402
+from lightning_peft.kernels._utils import interpreter_ready
+from lightning_peft.kernels.scatter import _scatter_kernel
+from lightning_peft.kernels.sddmm import _sddmm_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAN_RUN_TRITON = DEVICE == "cuda" or (interpreter_ready(_sddmm_kernel) and interpreter_ready(_scatter_kernel))

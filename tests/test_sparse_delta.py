@@ -7,19 +7,13 @@ nonzero, 1% and 100%. Both dispatch paths (sparse SDDMM and dense GEMM + gather)
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning_peft.kernels import SparseIndex
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from lightning_peft.kernels import SparseIndex  # noqa: E402
-
-from lightning_peft.sparse_delta import (  # noqa: E402
+from lightning_peft.sparse_delta import (
     DENSE_FALLBACK_DENSITY,
     MaskBuilder,
     RandomMaskBuilder,
