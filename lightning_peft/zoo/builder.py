@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from filelock import FileLock
 
+from ..atomic import atomic_directory
 from .corpus import corpus
 from .spec import ZOO_NAME_RE, ZooSpec, is_zoo_name, spec, unknown_name_error
 
@@ -243,27 +242,11 @@ def build(name: str, *, force: bool = False, progress: bool = True) -> Path:
         # We hold the lock, so any temp folder of this model is a killed build's leftover.
         for stale in root.glob(f".{s.folder_name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{s.folder_name}.tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
         log.info("building zoo model %s into %s", s.name, target)
-        try:
-            with _transformers_bars(progress):
-                _build_into(s, tmp, target, parent, progress)
-            old = None
-            if target.exists():  # force=True: swap the old folder out, then the new one in
-                old = root / f".{s.folder_name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, target)
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # force=True replaces the old build: the cache folder is ours, whatever files it holds
+        owned = {p.name for p in target.iterdir()} if target.is_dir() else set()
+        with atomic_directory(target, replaceable=owned) as tmp, _transformers_bars(progress):
+            _build_into(s, tmp, target, parent, progress)
     return target
 
 
