@@ -10,9 +10,7 @@ from __future__ import annotations
 import csv
 import datetime
 import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,6 +20,9 @@ import torch
 
 RESULTS = Path(__file__).with_name("results.csv")
 HEADER = ["benchmark", "case", "metric", "value", "baseline", "ratio", "device", "versions", "date"]
+# When this process started, to the minute: every row of one run carries the same ``date``, so
+# ``benchmarks/table.py`` can pick the latest run (older rows carry the day only).
+RUN_STARTED = datetime.datetime.now().isoformat(timespec="minutes")
 
 __all__ = [
     "HEADER",
@@ -70,12 +71,13 @@ def time_fn(
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
-    """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
+    """Peak bytes of tensors allocated while ``fn()`` runs, above what was allocated before.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset (exact for the caching allocator).
-    CPU: growth of the process's max RSS (``resource.getrusage``). This only sees a new
-    high-water mark, so it reads 0 when earlier work already reached a higher peak and it counts
-    pages, not tensors; ``None`` where ``getrusage`` is unavailable. Treat CPU values as coarse.
+    CPU: replays the allocator's own alloc/free records from ``torch.profiler`` (``profile_memory``:
+    one signed ``[memory]`` event per CPU allocation and free) and returns the highest running sum,
+    so it is exact per tensor and independent of earlier peaks. ``None`` if the profiler records
+    no memory events (then fall back to something coarser yourself, e.g. max RSS).
     """
     if device is not None and torch.device(device).type == "cuda":
         _sync(device)
@@ -84,14 +86,20 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    try:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (AttributeError, OSError):  # pragma: no cover
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if not events:  # pragma: no cover
         return None
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return (after - before) * scale
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type() == DeviceType.CPU:
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
 
 
 def tflops(flops: float, seconds: float) -> float:
@@ -129,8 +137,7 @@ def row(
     """One CSV row; ``ratio = value / baseline`` (empty without a baseline)."""
     ratio = "" if baseline in (None, 0) or baseline != baseline else round(value / baseline, 4)
     fmt = lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)  # noqa: E731
-    return [benchmark, case, metric, fmt(value), fmt(baseline), ratio, device_name(device), versions(),
-            datetime.date.today().isoformat()]
+    return [benchmark, case, metric, fmt(value), fmt(baseline), ratio, device_name(device), versions(), RUN_STARTED]
 
 
 def append_rows(rows: Iterable[Sequence[Any]], path: Path = RESULTS) -> int:

@@ -8,11 +8,15 @@ For each weight shape ``(out, in)``, token count ``T`` and density ``d`` (random
 * ``forward``: ``SparseDelta`` forward (in-place ``W[idx] += S``, GEMM, restore) vs ``F.linear``.
 * ``scatter_add``: in-place add of the delta vs a dense ``W += delta``, with GB/s on the bytes
   actually touched (sectors holding a nonzero, read + write, plus index/values/saved copy).
+* ``train_step_ms_vs_dense_fallback``: forward + backward (dX and dS) through ``SparseDelta``'s
+  sparse path vs its dense GEMM + gather fallback; the crossover sets ``DENSE_FALLBACK_DENSITY``.
 * ``train_step`` (d = 1% only): forward + backward through ``SparseDelta`` vs peft's ``shira``
-  layer at the same ``nnz = r * (out + in)``.
+  layer at the same ``nnz = r * (out + in)``, time and peak memory (exact on CPU too: replayed
+  from the allocator's records, see ``harness.peak_memory``).
 
-CPU runs the PyTorch references (the Triton kernels need CUDA; on CPU they would run in the
-interpreter), at CPU sizes in fp32; CUDA runs Triton at LLaMA-7B sizes in bf16.
+CPU runs the PyTorch paths (SDDMM by ``torch.sparse.sampled_addmm``, scatter by index ops; the
+Triton kernels need CUDA, on CPU they would run in the interpreter) at CPU sizes in fp32; CUDA
+runs Triton at LLaMA-7B sizes in bf16.
 
 Run: python benchmarks/sparse_ops.py [--repeats 5] [--warmup 2] [--no-csv]
 """
@@ -30,14 +34,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import append_rows, device_name, gbps, peak_memory, row, tflops, time_fn  # noqa: E402
-from lightning_peft.kernels import SparseIndex, scatter_add, sddmm  # noqa: E402
+from lightning_peft.kernels import SparseIndex, scatter_add, sddmm, sddmm_reference  # noqa: E402
 
 from lightning_peft.sparse_delta import SparseDelta, random_mask  # noqa: E402
 
 BENCH = "sparse_ops"
-DENSITIES = (0.005, 0.01, 0.02, 0.05)
+DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 CPU_SHAPES = ((1024, 1024), (2048, 1024))
 CPU_TOKENS = (256, 1024)
+CPU_TRAIN_EXTRA = (((4096, 4096), 512),)  # one real layer shape: dense dW temporaries become visible
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPU_TOKENS = (512, 2048, 8192)
 
@@ -88,9 +93,13 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
     rows.append(row(BENCH, case, "sddmm_ms_vs_dense_dW", t_sddmm * 1e3, t_dense * 1e3, device))
     rows.append(row(BENCH, case, "sddmm_TFLOPs", tflops(2 * t * index.nnz, t_sddmm), tflops(2 * t * out_f * in_f,
                     t_dense), device))
-    sa = _sampled_addmm(dout, x, index)
-    if sa is not None:
-        rows.append(row(BENCH, case, "sddmm_ms_vs_sampled_addmm", t_sddmm * 1e3, tm(sa) * 1e3, device))
+    if torch.device(device).type == "cuda":  # on CPU sddmm *is* sampled_addmm: compare with the gather reference
+        sa = _sampled_addmm(dout, x, index)
+        if sa is not None:
+            rows.append(row(BENCH, case, "sddmm_ms_vs_sampled_addmm", t_sddmm * 1e3, tm(sa) * 1e3, device))
+    else:
+        t_ref = tm(lambda: sddmm_reference(dout, x, index, torch.float32))
+        rows.append(row(BENCH, case, "sddmm_ms_vs_reference", t_sddmm * 1e3, t_ref * 1e3, device))
 
     # forward: in-place merge + GEMM + restore vs plain F.linear
     torch.manual_seed(0)
@@ -102,6 +111,20 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
         t_fwd = tm(lambda: layer(x))
         t_lin = tm(lambda: F.linear(x, w))
     rows.append(row(BENCH, case, "forward_ms_vs_F.linear", t_fwd * 1e3, t_lin * 1e3, device))
+
+    # training step, sparse path (in-place merge + SDDMM) vs the dense GEMM + gather fallback:
+    # the crossover density is DENSE_FALLBACK_DENSITY for this device
+    dy = torch.randn(t, out_f, generator=g).to(device, dtype)
+    xg = x.detach().requires_grad_()  # dX as well: a layer inside a network
+
+    def step(fallback: float) -> None:
+        layer.dense_fallback_density = fallback
+        layer(xg).backward(dy)
+        layer.values.grad = xg.grad = None
+
+    t_sparse = tm(lambda: step(1.0))
+    t_fallback = tm(lambda: step(0.0))
+    rows.append(row(BENCH, case, "train_step_ms_vs_dense_fallback", t_sparse * 1e3, t_fallback * 1e3, device))
 
     # scatter_add into a copy of W vs a dense W += delta
     w2 = w.detach().clone()
@@ -125,7 +148,7 @@ def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dt
     d = nnz / (out_f * in_f)
     case = f"W {out_f}x{in_f} T={t} nnz={nnz} (d={d:.4f}) {str(dtype).removeprefix('torch.')}"
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(t, in_f, generator=g).to(device, dtype)
+    x = torch.randn(t, in_f, generator=g).to(device, dtype).requires_grad_()  # dX too, as inside a network
     dy = torch.randn(t, out_f, generator=g).to(device, dtype)
     torch.manual_seed(0)
     flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
@@ -136,6 +159,7 @@ def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dt
 
     def step(model: nn.Module) -> None:
         model(x).backward(dy)
+        x.grad = None
         for p in model.parameters():
             p.grad = None
 
@@ -146,9 +170,8 @@ def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dt
     assert sum(p.numel() for p in shira.parameters() if p.requires_grad) == nnz
     t_shira = time_fn(lambda: step(shira), warmup, repeats, device)
     rows.append(row(BENCH, case, "train_step_ms_vs_peft_shira", t_ours * 1e3, t_shira * 1e3, device))
-    if torch.device(device).type == "cuda":  # CPU max-RSS deltas are too coarse to compare two models
-        rows.append(row(BENCH, case, "train_step_peak_MiB_vs_peft_shira", peak_memory(lambda: step(ours), device)
-                        / 2**20, peak_memory(lambda: step(shira), device) / 2**20, device))
+    rows.append(row(BENCH, case, "train_step_peak_MiB_vs_peft_shira", peak_memory(lambda: step(ours), device)
+                    / 2**20, peak_memory(lambda: step(shira), device) / 2**20, device))
     return rows
 
 
@@ -175,6 +198,7 @@ def main() -> None:
           f"{'Triton kernels' if cuda else 'PyTorch reference ops (CPU)'}", file=sys.stderr)
     jobs = [("op", s, t, d) for s in shapes for t in tokens for d in DENSITIES]
     jobs += [("train", s, t, 0.01) for s in shapes for t in tokens]
+    jobs += [] if cuda else [("train", s, t, 0.01) for s, t in CPU_TRAIN_EXTRA]
     rows: list[list] = []
     for kind, (o, i), t, d in tqdm(jobs, desc="sparse_ops", file=sys.stderr):
         if kind == "op":

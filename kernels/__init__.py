@@ -7,14 +7,15 @@ kernel with its host launcher, and a ``torch.autograd.Function`` where it has a 
 op                     module                        reference
 =====================  ============================  =====================================
 sparse index format    :mod:`.sparse_index`          (``SparseIndex``: sorted COO, int32)
-SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference``
+SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference`` (CPU: ``sampled_addmm``)
 scatter set/add/undo   :mod:`.scatter`               ``scatter_*_reference``
 sparse-delta linear    :mod:`.sparse_linear`         ``sparse_delta_linear_reference``
 =====================  ============================  =====================================
 
 Dispatch (every op's ``use_triton`` argument): ``None`` runs Triton on CUDA tensors and the
 reference elsewhere; ``True`` forces Triton, which on CPU needs ``TRITON_INTERPRET=1`` set
-before this package is first imported; ``False`` forces the reference.
+before this package is first imported; ``False`` forces the PyTorch path (the reference; for
+SDDMM ``torch.sparse.sampled_addmm``, see :func:`.sddmm.sddmm_sampled_addmm`).
 """
 
 # This folder sits at the repository root. When the root is on ``sys.path`` (``python -m pytest``,
@@ -31,7 +32,7 @@ if __name__ == "lightning_peft.kernels":
         scatter_set,
         scatter_set_reference,
     )
-    from lightning_peft.kernels.sddmm import sddmm, sddmm_reference
+    from lightning_peft.kernels.sddmm import sddmm, sddmm_reference, sddmm_sampled_addmm
     from lightning_peft.kernels.sparse_index import SparseIndex
     from lightning_peft.kernels.sparse_linear import (
         SparseDeltaLinearFunction,
@@ -52,6 +53,7 @@ if __name__ == "lightning_peft.kernels":
         "scatter_set_reference",
         "sddmm",
         "sddmm_reference",
+        "sddmm_sampled_addmm",
         "sparse_delta_linear",
         "sparse_delta_linear_reference",
     ]

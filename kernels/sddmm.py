@@ -16,19 +16,26 @@ non-empty). Each program owns ``BLOCK_K`` consecutive nonzeros and walks ``T`` i
 row-major order makes consecutive ``k`` share ``row[k]``. Loads in the input dtype (bf16 halves
 the bytes), accumulation always in fp32.
 
-Not done yet (documented so it is not mistaken for the tuned kernel): grouping a row's
-nonzeros so ``dO[:, row]`` is loaded once into registers, and the automatic switch to
-"dense GEMM + gather" above ~3% density that section 5 asks for. ``BLOCK_*`` are defaults, not
-the result of a sweep.
+Off CUDA the op runs :func:`sddmm_sampled_addmm` (``torch.sparse.sampled_addmm``: 0.11-0.68x the
+dense GEMM's time on CPU at 0.5-5%, ``benchmarks/sparse_ops.py``); :func:`sddmm_reference` stays
+the test oracle. The switch
+to "dense GEMM + gather" above a measured density lives in
+:class:`lightning_peft.sparse_delta.SparseDelta` (``DENSE_FALLBACK_DENSITY``).
+
+Not done yet (documented so it is not mistaken for a tuned kernel): grouping a row's nonzeros
+so ``dO[:, row]`` is loaded once into registers. ``BLOCK_*`` are defaults, not the result of a
+sweep: no GPU has been available to sweep them.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from lightning_peft.kernels._utils import HAS_TRITON, cast_rtne, should_use_triton, tl, triton
 from lightning_peft.kernels.sparse_index import SparseIndex
 
-__all__ = ["sddmm", "sddmm_reference"]
+__all__ = ["sddmm", "sddmm_reference", "sddmm_sampled_addmm"]
 
 # Reference: gather at most this many (T x chunk) elements per operand at a time (~16 MB fp32),
 # so the CPU path never holds more than a chunk of the (T, nnz) products.
@@ -75,6 +82,40 @@ def sddmm_reference(
         xs = x2[:, col[s : s + chunk]].to(acc)  # (T, chunk)
         out[s : s + chunk] = (gs * xs).sum(0).to(out_dtype)
     return out
+
+
+def sddmm_sampled_addmm(
+    grad_out: torch.Tensor, x: torch.Tensor, index: SparseIndex, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The non-Triton path of :func:`sddmm`: ``torch.sparse.sampled_addmm`` on a CSR view of the mask.
+
+    ``sampled_addmm(C, dO^T, X)`` evaluates ``(dO^T X)`` only at ``C``'s nonzeros (MKL/OpenMP on
+    CPU, cuSPARSE on CUDA). On CPU it takes 0.11-0.68x the dense ``dO^T X`` GEMM's time at
+    0.5-5% density and is 5-68x faster than :func:`sddmm_reference` (``benchmarks/sparse_ops.py``,
+    rows ``sddmm_ms_vs_*`` in ``benchmarks/results.csv``). The CSR row offsets come from the sorted COO
+    index (:meth:`SparseIndex.crow`, cast to int32 like ``col``): the ``(nnz,)`` columns are used as they are.
+
+    Args:
+        grad_out: ``(..., out)``; bf16/fp16 are upcast to fp32 (accumulation in fp32), fp64 stays fp64.
+        x: ``(..., in)``, same leading dims.
+        index: ``nnz`` positions into the ``(out, in)`` weight.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``(nnz,)`` in ``out_dtype``.
+    """
+    g2, x2 = _flatten(grad_out, x, index)  # (T, out), (T, in)
+    acc = torch.promote_types(torch.promote_types(g2.dtype, x2.dtype), torch.float32)
+    if index.nnz == 0 or g2.shape[0] == 0:
+        return torch.zeros(index.nnz, dtype=out_dtype, device=g2.device)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": we rely on sampled_addmm only
+        warnings.simplefilter("ignore", UserWarning)
+        zeros = torch.zeros(index.nnz, dtype=acc, device=g2.device)  # not empty: beta=0 still reads them (0 * NaN)
+        crow = index.crow().to(index.col.dtype)  # (out + 1,) int32, like col
+        # check_invariants=False: SparseIndex already guarantees sorted, in-range, unique indices
+        mask = torch.sparse_csr_tensor(crow, index.col, zeros, index.shape, check_invariants=False)
+        sampled = torch.sparse.sampled_addmm(mask, g2.t().to(acc), x2.to(acc), beta=0.0)  # CSR (out, in)
+    return sampled.values().to(out_dtype)
 
 
 if HAS_TRITON:
@@ -156,14 +197,15 @@ def sddmm(
     """Sampled dense-dense matmul: ``(dO^T X)[row, col]`` without the dense ``(out, in)`` product.
 
     Args:
-        grad_out: ``(..., out)`` fp32, bf16 or fp16; fp64 always runs the reference (fp64
+        grad_out: ``(..., out)`` fp32, bf16 or fp16; fp64 never runs Triton (fp64
             accumulation, for ``gradcheck``), whatever ``use_triton`` says.
         x: ``(..., in)`` with the same leading dims (flattened to ``T``).
         index: ``nnz`` positions into the ``(out, in)`` weight (``nnz = 0`` gives ``(0,)``).
         out_dtype: dtype of the result; fp32 by default (accumulation is fp32 regardless).
             :class:`~lightning_peft.kernels.sparse_linear.SparseDeltaLinearFunction` passes the
             values' dtype.
-        use_triton: ``None`` auto (CUDA -> Triton), ``True`` force, ``False`` reference.
+        use_triton: ``None`` auto (CUDA -> Triton), ``True`` force Triton, ``False``
+            :func:`sddmm_sampled_addmm` (also the path for CPU tensors and fp64).
 
     Returns:
         ``(nnz,)`` ``dS[k] = sum_t dO[t, row[k]] * X[t, col[k]]`` in ``out_dtype``.
@@ -175,7 +217,7 @@ def sddmm(
     fp64 = torch.float64 in (
         g2.dtype,
         x2.dtype,
-    )  # the kernel accumulates in fp32: fp64 stays on the reference
+    )  # the kernel accumulates in fp32: fp64 stays off Triton
     if not fp64 and should_use_triton(_sddmm_kernel, g2, x2, index.row, use_triton=use_triton):
         return _sddmm_launch(g2, x2, index, out_dtype)
-    return sddmm_reference(grad_out, x, index, out_dtype)
+    return sddmm_sampled_addmm(grad_out, x, index, out_dtype)

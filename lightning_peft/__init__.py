@@ -15,22 +15,37 @@ from lightning_peft.adapter_io import (
     load_adapter,
     save_adapter,
 )
+from lightning_peft.analysis import DriftAnalysis
+from lightning_peft.bank import AdapterBank
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import AdapterConfig
 from lightning_peft.methods.lora import LoRA, LoRAConfig
+from lightning_peft.methods.rosa import RoSA, RoSAConfig, RosaConfig
+from lightning_peft.methods.shira import SHiRA, SHiRAConfig, ShiRAConfig
+from lightning_peft.methods.trans_peft import TransPEFT, TransPEFTConfig
 from lightning_peft.registry import available_methods, create_method, get_method, register_method
 from lightning_peft.targeting import NoTargetModulesError, find_target_modules
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
     "AdapterCallback",
     "AdapterConfig",
     "AdapterFormatError",
     "BaseModelMismatchWarning",
+    "DriftAnalysis",
     "LoRA",
     "LoRAConfig",
     "NoTargetModulesError",
+    "RoSA",
+    "RoSAConfig",
+    "RosaConfig",
+    "SHiRA",
+    "SHiRAConfig",
+    "ShiRAConfig",
+    "TransPEFT",
+    "TransPEFTConfig",
     "__version__",
     "available_methods",
     "base_fingerprint",

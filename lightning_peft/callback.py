@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any, ClassVar
 
 import lightning as L
@@ -32,7 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.checkpointing import install_adapter_only_state_dict
-from lightning_peft.config import AdapterConfig
+from lightning_peft.config import AdapterConfig, check_resumed_config
 from lightning_peft.targeting import exact_pattern, find_target_modules
 
 log = logging.getLogger(__name__)
@@ -113,19 +114,43 @@ class AdapterCallback(L.Callback):
         return module
 
     @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # once per checkpoint (stacked callbacks share it): which base these adapter tensors belong to
+        if "base_fingerprint" not in checkpoint.setdefault("lightning_peft", {}):
+            from lightning_peft.adapter_io import base_fingerprint, find_base_model
+
+            checkpoint["lightning_peft"]["base_fingerprint"] = base_fingerprint(find_base_model(pl_module)[1])
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lightning_peft", {}).get("base_fingerprint")
+        if saved is None or checkpoint.get("lightning_peft", {}).get("_checked"):
+            return
+        from lightning_peft.adapter_io import (
+            BaseModelMismatchWarning,
+            base_fingerprint,
+            describe_base_difference,
+            find_base_model,
+        )
+
+        checkpoint["lightning_peft"]["_checked"] = True  # stacked callbacks: warn once
+        diff = describe_base_difference(saved, base_fingerprint(find_base_model(pl_module)[1]))
+        if diff:
+            warnings.warn(
+                f"resuming a checkpoint whose adapters were trained on another base ({diff}); they are restored as "
+                "they are. Resume on the original base, or start a new run on this one.",
+                BaseModelMismatchWarning,
+                stacklevel=2,
+            )
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method_name, "config": dataclasses.asdict(self.config), "targets": self.target_names}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("config", {}), dataclasses.asdict(self.config)
-        diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
-        if diff:
-            pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{self.method_name}[{self.config.adapter_name}]: the checkpoint was trained with another "
-                f"adapter config ({pretty}). Resume with the checkpoint's settings, or start a new run."
-            )
+        check_resumed_config(f"{self.method_name}[{self.config.adapter_name}]", state_dict.get("config", {}),
+                             dataclasses.asdict(self.config))
 
 
 def adapter_names(module: nn.Module) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -31,3 +32,23 @@ class AdapterConfig:
             self.target_modules = list(self.target_modules)
         if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
             self.exclude_modules = list(self.exclude_modules)
+
+
+def check_resumed_config(who: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise if a checkpoint's config differs from this run's, naming every differing key.
+
+    Args:
+        who: Named in the message, e.g. ``"lora[default]"``.
+        saved: The config stored in the checkpoint (a dict of its fields).
+        now: This run's config.
+
+    Raises:
+        ValueError: a key of ``saved`` has another value now.
+    """
+    diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
+    if diff:
+        pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{who}: the checkpoint was trained with another config ({pretty}). Resume with the checkpoint's "
+            "settings, or start a new run."
+        )

@@ -16,8 +16,8 @@ So :class:`SparseDelta` is SHiRA with ``r = 0`` and RoSA with ``r > 0``::
          └─► dropout ─► A (r, in) ─► B (out, r) ┘
 
 Forward/backward go through :func:`lightning_peft.kernels.sparse_delta_linear` (in-place
-``W[idx] += S``, one dense GEMM, exact restore; ``dS`` by SDDMM, no ``dW``). Above
-:data:`DENSE_FALLBACK_DENSITY` the module switches to "dense GEMM + gather" (methods.md section 5:
+``W[idx] += S``, one dense GEMM, exact restore; ``dS`` by SDDMM, no ``dW``). Above the device's
+:data:`DENSE_FALLBACK_DENSITY` (measured crossover) a training step switches to "dense GEMM + gather" (methods.md section 5:
 SDDMM costs ``d`` times the dense ``dO^T X`` GEMM but runs far below GEMM throughput, so past a few
 percent the dense GEMM wins). Neither path ever gives ``W`` a gradient: ``W`` is frozen, and the
 dense path's ``(out, in)`` temporary is the gradient of the merged copy, gathered at the mask.
@@ -47,15 +47,25 @@ __all__ = [
     "RandomMaskBuilder",
     "SparseDelta",
     "TopKMaskBuilder",
+    "dense_fallback_density",
     "random_mask",
     "topk_mask",
 ]
 
-# Density above which training uses dense GEMM + gather instead of SDDMM for dS. methods.md
-# section 5 puts the crossover at "~3%" (SDDMM target <= 0.4x cuBLAS dW at 1%, <= 0.8x at 2%).
-# NOT yet tuned: to be set from benchmarks/sparse_ops.py on the GPU (the CPU numbers in
-# benchmarks/results.csv measure the PyTorch reference, not the Triton kernel).
-DENSE_FALLBACK_DENSITY = 0.03
+# Density above which a *training* step uses dense GEMM + gather instead of SDDMM for dS, per
+# device type (methods.md section 5).
+# cpu: benchmarks/sparse_ops.py, train_step_ms_vs_dense_fallback (fwd + dX + dS, fp32, W 1024x1024
+#   and 2048x1024, T 256/1024, 2 cores, rows in benchmarks/results.csv): the sparse path takes
+#   0.73-1.00x the dense fallback's time up to d = 5%, 0.93-1.02x at 10% and 0.94-1.54x at 20%,
+#   so the crossover is just above 10%: 0.1.
+# cuda: methods.md's "~3%" (SDDMM target <= 0.4x cuBLAS dW at 1%, <= 0.8x at 2%). NOT measured
+#   here: no GPU was lent yet; re-run benchmarks/sparse_ops.py on one and set it from the crossover.
+DENSE_FALLBACK_DENSITY: dict[str, float] = {"cpu": 0.1, "cuda": 0.03}
+
+
+def dense_fallback_density(device: torch.device | str) -> float:
+    """The training-density threshold above which dense GEMM + gather beats SDDMM on ``device``."""
+    return DENSE_FALLBACK_DENSITY.get(torch.device(device).type, DENSE_FALLBACK_DENSITY["cuda"])
 
 
 # ---------------------------------------------------------------------------- masks
@@ -185,7 +195,8 @@ class SparseDelta(nn.Module):
         lora_A: ``(r, in)`` Kaiming-uniform init, or ``None`` when ``r = 0``.
         lora_B: ``(out, r)`` zero init, or ``None``.
         scaling: ``alpha / r`` (0 when ``r = 0``).
-        dense_fallback_density: training above this density uses dense GEMM + gather.
+        dense_fallback_density: training above this density uses dense GEMM + gather (``None``:
+            the device's default from :data:`DENSE_FALLBACK_DENSITY`, looked up at each forward).
         use_triton: passed to the kernels (``None`` auto: Triton on CUDA).
     """
 
@@ -198,7 +209,7 @@ class SparseDelta(nn.Module):
         alpha: float = 16.0,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
-        dense_fallback_density: float = DENSE_FALLBACK_DENSITY,
+        dense_fallback_density: float | None = None,
         use_triton: bool | None = None,
     ) -> None:
         """Wrap ``base_layer``.
@@ -210,7 +221,8 @@ class SparseDelta(nn.Module):
             alpha: LoRA alpha (``scaling = alpha / r``; RoSA uses 16).
             dropout: LoRA input dropout probability in ``[0, 1)``.
             dtype: dtype of ``values`` and the LoRA factors (fp32 default; bf16 halves storage).
-            dense_fallback_density: see :data:`DENSE_FALLBACK_DENSITY`.
+            dense_fallback_density: ``None`` (per-device default, :data:`DENSE_FALLBACK_DENSITY`) or a
+                fixed threshold.
             use_triton: kernel dispatch, see :mod:`lightning_peft.kernels`.
 
         Raises:
@@ -231,7 +243,7 @@ class SparseDelta(nn.Module):
         w = base_layer.weight
         self.out_features, self.in_features = w.shape
         self.dtype = dtype
-        self.dense_fallback_density = float(dense_fallback_density)
+        self.dense_fallback_density = None if dense_fallback_density is None else float(dense_fallback_density)
         self.use_triton = use_triton
         self.r = r
         self.scaling = alpha / r if r > 0 else 0.0
@@ -353,9 +365,12 @@ class SparseDelta(nn.Module):
     # ------------------------------------------------------------------ forward
     def uses_dense_fallback(self) -> bool:
         """True when this forward will take dense GEMM + gather (training above the threshold)."""
-        return (
-            torch.is_grad_enabled() and self.values.requires_grad and self.density > self.dense_fallback_density
-        )
+        if not (torch.is_grad_enabled() and self.values.requires_grad):
+            return False  # no dS needed: in-place merge + one GEMM is always the cheaper forward
+        threshold = self.dense_fallback_density
+        if threshold is None:
+            threshold = dense_fallback_density(self.values.device)
+        return self.density > threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x (W + S)^T + b + s * dropout(x) A^T B^T``.

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
 from lightning_peft import zoo
+from lightning_peft.checkpointing import adapter_key_prefixes
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,16 @@ class Row:
     name: str
     kwargs: dict
     params_per_linear: Callable[[int, int], int]  # (in_features, out_features) -> trainable count
+    conv1d: bool = True  # False: the method adapts nn.Linear only, and GPT-2's Conv1D must fail with a clear error
 
 
 METHODS = [
     Row("lora", {"r": 4, "alpha": 8}, lambda i, o: 4 * (i + o)),  # A: r x in, B: out x r
+    # SHiRA: exactly round(density * in * out) trained entries per layer (peft's shira has no Conv1D layer)
+    Row("shira", {"density": 0.02, "mask": "grad", "calibration_batches": 2}, lambda i, o: max(1, round(0.02 * i * o)),
+        conv1d=False),
+    # LoRA r=2 plus exactly round(density * in * out) sparse values; the mask is built after step 1
+    Row("rosa", {"r": 2, "density": 0.01, "warmup_steps": 1, "mask_steps": 1}, lambda i, o: 2 * (i + o) + round(0.01 * i * o)),
 ]
 ROWS = [pytest.param(r, id=r.name) for r in METHODS]
 
@@ -86,7 +93,8 @@ def test_only_adapter_parameters_train(row: Row, kind: str, base_dir: str, tmp_p
     trainer = _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3)
     trainer.fit(module, token_loader())
 
-    after = base_params(module)
+    skip = adapter_key_prefixes(module)  # helpers.base_params only knows LoRA's tensor names
+    after = {k: v for k, v in base_params(module).items() if not k.startswith(skip)}
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "a base weight changed"
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
@@ -156,6 +164,10 @@ def test_weights_only_checkpoint_is_adapter_only(row: Row, base_dir: str, tmp_pa
 def test_peft_round_trip(row: Row, kind: str, base_dir: str, tmp_path: Path) -> None:
     module = _module(kind, base_dir)
     base_dir = module.model.name_or_path
+    if kind == "gpt2" and not row.conv1d:
+        with pytest.raises(ValueError, match=r"nn\.Linear.*Conv1D"):
+            lp.create_method(row.name, **row.kwargs).inject(module)
+        return
     _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3).fit(module, token_loader())
     folder = lp.save_adapter(module, tmp_path / "adapter")
     ids = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -191,18 +203,35 @@ def test_stacks_with_a_second_adapter(row: Row, base_dir: str, tmp_path: Path) -
     module = LazyLM(base_dir)
     _trainer(tmp_path, [first, second], max_steps=2).fit(module, token_loader())
     names = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert any(".default." in n for n in names) and any(".extra." in n for n in names)
+    holds = lambda a: any(f".{a}." in n or n.endswith(f".{a}") for n in names)  # noqa: E731  (ModuleDict or ParameterDict)
+    assert holds("default") and holds("extra")
     # both adapters contribute: a q_proj output is base + each adapter's own delta
     layer = module.model.model.layers[0].self_attn.q_proj
-    assert sorted(layer.active_adapters) == ["default", "extra"]
+    chain = _tuner_chain(layer)  # one tuner layer per method: another method's layer wraps the first
+    assert sorted(a for t in chain for a in t.active_adapters) == ["default", "extra"]
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for p in layer.lora_B.parameters():
-            p.normal_()  # make every delta nonzero
-        deltas = {a: layer.lora_B[a](layer.lora_A[a](x)) * layer.scaling[a] for a in ("default", "extra")}
-        torch.testing.assert_close(layer(x), layer.base_layer(x) + deltas["default"] + deltas["extra"])
+        for t in chain:
+            for n, p in t.named_parameters():
+                if not n.startswith("base_layer."):
+                    p.normal_()  # make every delta nonzero
+        base = chain[-1].get_base_layer()
+        delta = sum(t.get_delta_weight(a) for t in chain for a in t.active_adapters)  # peft's dense (out, in) deltas
+        expected = torch.nn.functional.linear(x, base.weight + delta, base.bias)
+        # fp32 rounding grows with the output's size (the deltas of random-normal factors are large)
+        torch.testing.assert_close(layer(x), expected, rtol=1.3e-6, atol=1e-6 * float(expected.abs().max()) + 1e-5)
     v_proj = module.model.model.layers[0].self_attn.v_proj  # holds only `default`: still active
     assert v_proj.active_adapters == ["default"] or "default" in v_proj.active_adapters
+
+
+def _tuner_chain(layer) -> list:
+    """The peft tuner layers wrapped into each other at one module, outermost first."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    chain = [layer]
+    while isinstance(getattr(chain[-1], "base_layer", None), BaseTunerLayer):
+        chain.append(chain[-1].base_layer)
+    return chain
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -210,4 +239,5 @@ def test_two_all_linear_adapters_stack(row: Row, base_dir: str) -> None:
     module = EagerLM(base_dir)
     lp.create_method(row.name, **row.kwargs).inject(module)
     lp.LoRA(r=2, adapter_name="second").inject(module)
-    assert sorted(module.model.model.layers[1].mlp.down_proj.active_adapters) == ["default", "second"]
+    chain = _tuner_chain(module.model.model.layers[1].mlp.down_proj)
+    assert sorted(a for t in chain for a in t.active_adapters) == ["default", "second"]

@@ -23,6 +23,7 @@ from lightning_peft.kernels import (
     scatter_set,
     sddmm,
     sddmm_reference,
+    sddmm_sampled_addmm,
     sparse_delta_linear,
     sparse_delta_linear_reference,
 )
@@ -133,6 +134,21 @@ def test_sddmm_triton_matches_reference(
     assert got.dtype == out_dtype and got.shape == (index.nnz,)
     atol, rtol = TOL[out_dtype]
     torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sddmm_sampled_addmm_matches_reference(density: float | str, dtype: torch.dtype) -> None:
+    """The CPU path (torch.sparse.sampled_addmm on a CSR view) against the gather reference."""
+    index = _index(density, seed=9)
+    g, x = _randn(2, T, OUT, dtype=dtype, seed=10), _randn(2, T, IN, dtype=dtype, seed=11)  # leading dims
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    got = sddmm_sampled_addmm(g, x, index, out_dtype)
+    assert got.shape == (index.nnz,) and got.dtype == out_dtype
+    torch.testing.assert_close(got, sddmm_reference(g, x, index, out_dtype), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sddmm(g, x, index, out_dtype, use_triton=False), got)  # it is the non-Triton dispatch
+    empty = sddmm_sampled_addmm(g[:, :0], x[:, :0], index)  # T = 0 tokens: zero gradient
+    assert torch.equal(empty, torch.zeros(index.nnz))
 
 
 def test_sddmm_noncontiguous_and_shape_errors() -> None:

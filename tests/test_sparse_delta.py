@@ -235,9 +235,13 @@ def test_errors_name_value_and_fix() -> None:
 
 
 def test_dense_fallback_threshold_default_and_inference_uses_sparse_path() -> None:
-    assert DENSE_FALLBACK_DENSITY == 0.03
+    assert DENSE_FALLBACK_DENSITY == {"cpu": 0.1, "cuda": 0.03}  # the measured CPU crossover, methods.md on GPU
     layer = _layer()
+    layer.set_mask(_index(0.12))
+    assert layer.uses_dense_fallback()
     layer.set_mask(_index(0.05))
+    assert not layer.uses_dense_fallback()  # CPU threshold 0.1
+    layer.dense_fallback_density = 0.03  # a fixed threshold overrides the per-device default
     assert layer.uses_dense_fallback()
     with torch.no_grad():
         assert not layer.uses_dense_fallback()  # no dS needed: in-place merge + GEMM is cheaper

@@ -85,10 +85,13 @@ def test_build_load_roundtrip(name: str) -> None:
     # Retrain in memory: same spec -> bit-identical weights, and the saved copy computes the same logits.
     before = torch.get_num_threads()
     torch.set_num_threads(build_mod.build_threads())  # GPT-2's Conv1D sums depend on the thread count
+    rng = torch.get_rng_state()
     try:
         trained = build_mod.train_model(zoo.spec(name))
     finally:
         torch.set_num_threads(before)
+    # the caller's RNG is untouched: a run seeded before a cold-cache build equals a warm-cache run
+    assert torch.equal(torch.get_rng_state(), rng)
     ids = tok("The genre of Brairair is", return_tensors="pt")["input_ids"]  # (1, T)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, trained.model(ids).logits)  # (1, T, vocab)

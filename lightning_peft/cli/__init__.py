@@ -1,7 +1,10 @@
 """The ``lightning-peft`` command: ``lightning-peft <command> [hydra overrides]``.
 
 Commands:
-    train   Fine-tune an adapter (Hydra app over ``pkg://lightning_peft.conf``, config ``train``).
+    train   Fine-tune an adapter (Hydra app over ``pkg://lightning_peft.conf``, config ``train``);
+            ``train experiment=evolve`` runs the Trans-PEFT evaluation protocol.
+    drift   Compare two versions of a base model (Hydra app, config ``drift``): report folder.
+    transfer  Trans-LoRA: carry an adapter to another base (Hydra app, config ``transfer``).
     zoo     ``lightning-peft zoo build NAME...`` / ``lightning-peft zoo list``: the local model zoo.
 """
 
@@ -13,7 +16,11 @@ USAGE = """usage: lightning-peft <command> [args]
 
 commands:
   train [overrides]     fine-tune an adapter; e.g. `lightning-peft train method.r=16 task=sql`
-                        (Hydra: `--help`, `--cfg job`, `-m` for multirun)
+                        (Hydra: `--help`, `--cfg job`, `-m` for multirun);
+                        `train experiment=evolve`: adapters across a base update (v1 -> v2)
+  drift [overrides]     drift report of two base versions; e.g. `lightning-peft drift old=llama-v1 new=llama-v2`
+  transfer [overrides]  Trans-LoRA: carry an adapter to a new base without the task data;
+                        e.g. `lightning-peft transfer source_adapter=DIR target_model=llama-v2`
   zoo list              list the local zoo models
   zoo build NAME...     build (and cache) zoo models
 """
@@ -32,9 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"{sys.argv[0]} train", *rest]  # Hydra reads sys.argv
         hydra_main()
         return 0
+    if command == "drift":
+        from lightning_peft.cli.drift import hydra_main as drift_main
+
+        sys.argv = [f"{sys.argv[0]} drift", *rest]
+        drift_main()
+        return 0
+    if command == "transfer":
+        from lightning_peft.cli.transfer import hydra_main as transfer_main
+
+        sys.argv = [f"{sys.argv[0]} transfer", *rest]
+        transfer_main()
+        return 0
     if command == "zoo":
         from lightning_peft.cli.zoo import zoo_main
 
         return zoo_main(rest)
-    print(f"unknown command {command!r}; expected one of: train, zoo\n\n{USAGE}", file=sys.stderr)
+    print(f"unknown command {command!r}; expected one of: train, drift, transfer, zoo\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -28,13 +28,24 @@ def _loggers(cfg: DictConfig) -> Any:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate as ``cfg`` says; returns the results written to ``results.json``."""
+    """Train and evaluate as ``cfg`` says; returns the results written to ``results.json``.
+
+    With an ``evolve`` section (``experiment=evolve``) it runs the Trans-PEFT evaluation
+    protocol instead (:func:`lightning_peft.evolve.run_evolve`).
+    """
+    if cfg.get("evolve") is not None:
+        from lightning_peft.evolve import run_evolve
+
+        return run_evolve(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     datamodule = instantiate(cfg.task)
     module = instantiate(cfg.module)
     method = instantiate(cfg.method)
     callbacks = [method, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
+    trans_peft = cfg.get("trans_peft")  # `trans_peft=default` (Trans-PEFT stacks with any method)
+    if trans_peft and "_target_" in trans_peft:
+        callbacks.append(instantiate(trans_peft))
     logger = _loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
     if logger:

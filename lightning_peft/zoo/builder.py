@@ -106,17 +106,22 @@ def train_model(s: ZooSpec, parent: Path | None = None, progress: bool = False) 
     Raises:
         ValueError: ``parent`` is missing for a continued spec or given for a fresh one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .families import make_model
-    from .train import pack, pretrain
-
     if (parent is None) != (s.init is None):
         raise ValueError(
             f"{s.name}: init={s.init!r} but parent folder={parent!r}; pass the built folder of the "
             "init model exactly when the spec continues one (build() does this)"
         )
     t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched: a run is the same with a cold cache
+        return _train_seeded(s, parent, progress, t0)
+
+
+def _train_seeded(s: ZooSpec, parent: Path | None, progress: bool, t0: float) -> Trained:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .families import make_model
+    from .train import pack, pretrain
+
     torch.manual_seed(s.seed)
     if parent is None:
         tokenizer = _train_tokenizer(s)

@@ -1,0 +1,312 @@
+"""``AdapterBank``: many adapters for one loaded base model, switched in place (SHiRA section 4).
+
+SHiRA's rapid switching (Bhardwaj et al. 2024, arXiv 2406.13175, section 4; methods.md
+section 4): a sparse adapter is ``nnz`` (position, value) pairs, so serving it means writing
+the values into the base weights in place, and undoing it means writing the overwritten
+originals back. No fused copy of the model, no dense ``(out, in)`` delta::
+
+    activate("a"):   saved_a = W[idx_a];  W[idx_a] += S_a          (scatter_add, nnz elements)
+    activate("b"):   W[idx_a] = saved_a  (bit-exact undo)  then  W[idx_b] += S_b
+    fuse({"a": 1, "b": .5}):  W[idx_a] += 1 * S_a;  W[idx_b] += .5 * S_b   (W + a1 S1 + a2 S2)
+    deactivate():    originals written back in reverse order -> W bit-identical to the base
+
+Each add is computed in fp32 and rounded once to ``W``'s dtype (``scatter_add``); where two
+fused masks overlap, the second add rounds the first's result again (exact for fp32 sums that
+fit, within one ulp per add otherwise). ``deactivate`` never subtracts, so the base comes back
+bit-exactly whatever was applied.
+
+LoRA adapters are accepted for comparison with peft's merge semantics: ``W += scale * B @ A``
+(a dense ``(out, in)`` GEMM and add over every weight element). Undo is ``lora_restore="copy"``
+(default: a saved copy of each touched ``W``, bit-exact, costs one weight copy of memory) or
+``"subtract"`` (peft's ``unmerge``: ``W -= scale * B @ A``, no extra memory, **not** bit-exact:
+rounding leaves ~1 ulp errors that accumulate over switches).
+
+Scatter ops dispatch to Triton on CUDA and to PyTorch index ops on CPU
+(:mod:`lightning_peft.kernels.scatter`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import PeftType
+from torch import nn
+
+from lightning_peft.adapter_io import PEFT_PREFIX, find_base_model, read_adapter
+from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore
+
+__all__ = ["AdapterBank"]
+
+
+@dataclass(frozen=True)
+class _Sparse:
+    """A SHiRA delta of one weight: ``W[index] += values`` (scaling already applied)."""
+
+    index: SparseIndex
+    values: torch.Tensor  # (nnz,)
+
+
+@dataclass(frozen=True)
+class _LowRank:
+    """A LoRA delta of one weight: ``W += scale * B @ A`` (transposed for fan_in_fan_out layers)."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+    transpose: bool = False
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        d = (self.B.float() @ self.A.float()) * self.scale  # (out, in), the dense GEMM of a LoRA merge
+        return (d.T if self.transpose else d).to(dtype)
+
+
+class AdapterBank:
+    """Holds many SHiRA (and LoRA) adapters of one base model and applies them in place.
+
+    Args:
+        model: The base model (an ``nn.Module`` or LightningModule). Adapter paths are relative
+            to its base model as in :func:`lightning_peft.adapter_io.find_base_model`; modules
+            that still hold a peft tuner layer are written through their ``base_layer``.
+        lora_restore: ``"copy"`` (bit-exact) or ``"subtract"`` (peft's unmerge, inexact).
+        use_triton: Scatter dispatch (``None``: Triton on CUDA, PyTorch on CPU).
+
+    Example::
+
+        bank = AdapterBank(model)
+        bank.add("sql", "adapters/sql")          # a folder saved by save_adapter / peft
+        bank.add("chat", trained_module)         # adapters taken from a module
+        bank.activate("sql"); ...; bank.activate("chat"); ...; bank.deactivate()
+    """
+
+    def __init__(
+        self, model: nn.Module, lora_restore: Literal["copy", "subtract"] = "copy", use_triton: bool | None = None
+    ) -> None:
+        if lora_restore not in ("copy", "subtract"):
+            raise ValueError(f"AdapterBank lora_restore must be 'copy' or 'subtract', got {lora_restore!r}")
+        self.model = model
+        self.base_prefix, self.base = find_base_model(model)
+        self.lora_restore = lora_restore
+        self.use_triton = use_triton
+        self.adapters: dict[str, dict[str, _Sparse | _LowRank]] = {}
+        self.kinds: dict[str, str] = {}
+        self._applied: list[tuple[torch.Tensor, Any, Any, Any]] = []  # (weight, delta, alpha, saved)
+        self.active: dict[str, float] = {}
+        self._paths: dict[str, str] = {}  # adapter path -> module name in the base
+
+    # ------------------------------------------------------------------ filling
+    def names(self) -> list[str]:
+        """Names of the held adapters, in insertion order."""
+        return list(self.adapters)
+
+    def add(self, name: str, source: str | Path | nn.Module, adapter_name: str | None = None) -> AdapterBank:
+        """Add adapter ``name`` from a saved folder (ours or peft's) or from a module holding it.
+
+        Args:
+            name: Name in the bank.
+            source: A peft ``shira``/``lora`` adapter folder, or a module with injected adapters
+                (its SHiRA/LoRA layers are read; tensors are copied).
+            adapter_name: Which adapter of a module (default: ``"default"``); ignored for folders.
+
+        Raises:
+            ValueError: name taken, unsupported peft type, or a path that does not exist in the model.
+        """
+        if name in self.adapters:
+            raise ValueError(f"AdapterBank already holds an adapter named {name!r}; pick another name or remove() it")
+        if isinstance(source, nn.Module):
+            deltas, kind = _from_module(source, adapter_name or "default")
+        else:
+            deltas, kind = _from_folder(Path(source), lambda p: tuple(self._weight(p).shape))
+        if not deltas:
+            raise ValueError(f"AdapterBank.add({name!r}): the source holds no SHiRA or LoRA tensors")
+        for path in deltas:
+            self._weight(path)  # fail now, not at activation
+        self.adapters[name] = {p: _to(d, self._weight(p).device) for p, d in deltas.items()}
+        self.kinds[name] = kind
+        return self
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter (deactivate it first if it is applied)."""
+        if name in self.active:
+            self.deactivate()
+        self.adapters.pop(name)
+        self.kinds.pop(name)
+
+    def _weight(self, path: str) -> torch.Tensor:
+        """The weight at ``path`` (relative to the base model; else the one module whose name ends with it)."""
+        if path not in self._paths:
+            names = [n for n, _ in self.base.named_modules()]
+            found = [n for n in names if n == path] or [n for n in names if n.endswith("." + path)]
+            if len(found) != 1:
+                raise ValueError(
+                    f"AdapterBank: adapter path {path!r} does not exist in the base model {type(self.base).__name__}"
+                    f"{' (several modules end with it)' if found else ''}; add adapters trained on this architecture"
+                )
+            self._paths[path] = found[0]
+        module = self.base.get_submodule(self._paths[path])
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        return module.weight.data
+
+    def dense_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s dense fp32 ``(out, in)`` delta per weight path (analysis only: allocates)."""
+        out: dict[str, torch.Tensor] = {}
+        for path, d in self.adapters[name].items():
+            if isinstance(d, _Sparse):
+                dense = torch.zeros(d.index.shape, dtype=torch.float32, device=d.values.device)
+                dense[d.index.row.long(), d.index.col.long()] = d.values.float()
+                out[path] = dense
+            else:
+                out[path] = d.dense(torch.float32)
+        return out
+
+    # ------------------------------------------------------------------ switching
+    def activate(self, name: str) -> None:
+        """Apply adapter ``name`` alone (undoing whatever is applied first)."""
+        self.fuse({name: 1.0})
+
+    @torch.no_grad()
+    def fuse(self, weights: Mapping[str, float]) -> None:
+        """Apply several adapters at once: ``W + sum_i a_i S_i`` (undoing whatever is applied first).
+
+        Raises:
+            KeyError: an unknown adapter name.
+        """
+        unknown = [n for n in weights if n not in self.adapters]
+        if unknown:
+            raise KeyError(f"AdapterBank holds no adapter {unknown[0]!r}; it holds {self.names()}")
+        self.deactivate()
+        for name, alpha in weights.items():
+            for path, delta in self.adapters[name].items():
+                w = self._weight(path)
+                if isinstance(delta, _Sparse):
+                    saved = scatter_add(w, delta.index, delta.values, float(alpha), use_triton=self.use_triton)
+                else:
+                    dense = delta.dense(torch.float32) * float(alpha)
+                    saved = w.clone() if self.lora_restore == "copy" else dense
+                    w.copy_((w.float() + dense).to(w.dtype))
+                self._applied.append((w, delta, alpha, saved))
+            self.active[name] = float(alpha)
+
+    @torch.no_grad()
+    def deactivate(self) -> None:
+        """Restore the base weights (bit-exactly for SHiRA, and for LoRA with ``lora_restore='copy'``)."""
+        while self._applied:
+            w, delta, _, saved = self._applied.pop()
+            if isinstance(delta, _Sparse):
+                scatter_restore(w, delta.index, saved, use_triton=self.use_triton)
+            elif self.lora_restore == "copy":
+                w.copy_(saved)
+            else:
+                w.copy_((w.float() - saved).to(w.dtype))
+        self.active = {}
+
+    @contextmanager
+    def applied(self, weights: str | Mapping[str, float]) -> Iterator[AdapterBank]:
+        """Context manager: ``with bank.applied("a"):`` or ``bank.applied({"a": 1, "b": .5})``."""
+        self.fuse({weights: 1.0} if isinstance(weights, str) else weights)
+        try:
+            yield self
+        finally:
+            self.deactivate()
+
+    # ------------------------------------------------------------------ Lightning
+    def validate(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        adapters: Iterable[str | Mapping[str, float]] | None = None,
+        **validate_kwargs: Any,
+    ) -> dict[str, list[dict[str, float]]]:
+        """Run ``trainer.validate`` once per adapter (or fusion) on the one loaded base.
+
+        Args:
+            trainer: A Lightning ``Trainer``.
+            module: The LightningModule whose base the bank writes into.
+            adapters: Names or fusion dicts (default: every adapter alone).
+            **validate_kwargs: Passed to ``trainer.validate`` (e.g. ``dataloaders=``).
+
+        Returns:
+            ``{label: trainer.validate(...) result}``; a fusion's label is ``"a+b"`` with weights
+            (``"a*1.0+b*0.5"``).
+        """
+        results: dict[str, list[dict[str, float]]] = {}
+        for item in adapters if adapters is not None else self.names():
+            label = item if isinstance(item, str) else "+".join(f"{k}*{v}" for k, v in item.items())
+            with self.applied(item):
+                results[label] = trainer.validate(module, verbose=False, **validate_kwargs)
+        return results
+
+
+# ---------------------------------------------------------------------- readers
+def _to(delta: _Sparse | _LowRank, device: torch.device) -> _Sparse | _LowRank:
+    if isinstance(delta, _Sparse):
+        return _Sparse(delta.index.to(device), delta.values.to(device))
+    return _LowRank(delta.A.to(device), delta.B.to(device), delta.scale, delta.transpose)
+
+
+def _sparse(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> _Sparse:
+    """Drop exact zeros (e.g. peft-format padding) and sort row-major."""
+    keep = values != 0
+    idx, vals = indices[:, keep].long(), values[keep]
+    flat = idx[0] * shape[1] + idx[1]
+    order = torch.argsort(flat)
+    return _Sparse(SparseIndex.from_flat(flat[order], shape), vals[order].detach().clone())
+
+
+def _lora_scale(config: Any, r: int) -> float:
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise ValueError("AdapterBank reads LoRA folders with one r and alpha only (rank_pattern/alpha_pattern are set)")
+    return config.lora_alpha / (r**0.5 if config.use_rslora else r)
+
+
+def _from_folder(path: Path, shape_of: Any) -> tuple[dict[str, _Sparse | _LowRank], str]:
+    config, tensors, _ = read_adapter(path)
+    strip = lambda k, suffix: k[len(PEFT_PREFIX) : -len(suffix)]  # noqa: E731
+    deltas: dict[str, _Sparse | _LowRank] = {}
+    if config.peft_type == PeftType.SHIRA:
+        for k, v in tensors.items():
+            if k.endswith(".shira_weight"):
+                path_ = strip(k, ".shira_weight")
+                idx = tensors[f"{PEFT_PREFIX}{path_}.shira_indices"]
+                deltas[path_] = _sparse(idx, v, shape_of(path_))
+        return deltas, "shira"
+    if config.peft_type == PeftType.LORA:
+        for k, a in tensors.items():
+            if k.endswith(".lora_A.weight"):
+                path_ = strip(k, ".lora_A.weight")
+                b = tensors[f"{PEFT_PREFIX}{path_}.lora_B.weight"]
+                deltas[path_] = _LowRank(a, b, _lora_scale(config, a.shape[0]), bool(config.fan_in_fan_out))
+        return deltas, "lora"
+    raise ValueError(f"AdapterBank holds SHiRA and LoRA adapters; {path} is a {config.peft_type} adapter")
+
+
+def _from_module(source: nn.Module, adapter: str) -> tuple[dict[str, _Sparse | _LowRank], str]:
+    from peft import PeftModel
+
+    from lightning_peft.methods.shira.layer import ShiraLinear
+
+    if isinstance(source, PeftModel):
+        source = source.get_base_model()  # paths relative to the wrapped model, as in a saved folder
+    prefix, _ = find_base_model(source)
+    deltas: dict[str, _Sparse | _LowRank] = {}
+    kinds = set()
+    for name, m in source.named_modules():
+        rel = name[len(prefix) + 1 :] if prefix else name
+        if isinstance(m, ShiraLinear) and adapter in m.shira_weight:
+            values = m.shira_weight[adapter].detach() * m.scaling[adapter]
+            deltas[rel] = _Sparse(m.mask_index(adapter), values.clone())
+            kinds.add("shira")
+        elif hasattr(m, "lora_A") and isinstance(m, BaseTunerLayer) and adapter in m.lora_A:
+            deltas[rel] = _LowRank(
+                m.lora_A[adapter].weight.detach().clone(), m.lora_B[adapter].weight.detach().clone(),
+                float(m.scaling[adapter]), bool(getattr(m, "fan_in_fan_out", False)),
+            )
+            kinds.add("lora")
+    return deltas, "+".join(sorted(kinds))

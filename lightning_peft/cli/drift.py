@@ -1,0 +1,67 @@
+"""``lightning-peft drift old=... new=...``: the drift report of two base versions (Hydra app)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_peft.analysis import DriftReport, analyse, log_report, write_report
+
+
+def task_batches(task_cfg: DictConfig, split: str, num_batches: int) -> list[dict[str, Any]]:
+    """The first ``num_batches`` batches of a task's ``split`` loader (tensors only).
+
+    Raises:
+        ValueError: the split is empty.
+    """
+    datamodule = instantiate(task_cfg)
+    datamodule.setup("fit" if split in ("train", "val") else "test")
+    batches = list(itertools.islice(getattr(datamodule, f"{split}_dataloader")(), num_batches))
+    if not batches:
+        raise ValueError(f"drift: the task's {split!r} split is empty; set split=train or task.num_{split}>0")
+    return [{k: v for k, v in b.items() if hasattr(v, "shape")} for b in batches]
+
+
+def run(cfg: DictConfig) -> DriftReport:
+    """Build, write, log and print the report ``cfg`` asks for."""
+    batches = task_batches(cfg.task, cfg.split, cfg.num_batches)
+    report = analyse(cfg.old, cfg.new, batches, topk=cfg.topk, adapter_dir=cfg.adapter)
+    plots = write_report(report, cfg.out_dir)
+    logger_cfg = cfg.get("logger")
+    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else None
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_report(report, [logger], plots)
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+        else:
+            logger.finalize("success")
+    print_summary(report, Path(cfg.out_dir))
+    return report
+
+
+def print_summary(report: DriftReport, folder: Path) -> None:
+    """Print the summary scalars and where the report is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"drift {report.old} -> {report.new}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in report.summary().items():
+        table.add_row(key.removeprefix("drift/"), f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"report: {folder} (summary.json, *.csv, *.png)")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="drift")
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg)

@@ -1,0 +1,71 @@
+"""``lightning-peft transfer``: Trans-LoRA from the command line (Hydra config ``transfer``).
+
+Synthesises (or reuses) the synthetic set, trains the target adapter on it, tests on the task's
+real test split, and writes ``results.json`` and ``adapter/`` to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_peft as lp
+from lightning_peft.transfer import TransferConfig, synthesize, train_student
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one transfer as ``cfg`` says; returns what is written to ``results.json``."""
+    fields = {f.name for f in dataclasses.fields(TransferConfig)}
+    tcfg = TransferConfig(**{k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                             for k, v in cfg.items() if k in fields})
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger_cfg = cfg.get("logger")
+    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
+    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
+    try:
+        syn = synthesize(tcfg)
+        trainer_kwargs = {**student_cfg["trainer_kwargs"], "logger": logger, "default_root_dir": str(run_dir)}
+        module, metrics = train_student(tcfg, syn, student_cfg["method"], student_cfg["method_kwargs"],
+                                        student_cfg["module_kwargs"], trainer_kwargs, student_cfg["data_kwargs"])
+        results = {"source_model": tcfg.source_model, "target_model": tcfg.target_model, "task": tcfg.task,
+                   "method": student_cfg["method"], "synthetic": len(syn.accepted),
+                   "stats": syn.header.get("stats"), "metrics": metrics,
+                   "adapter": str(lp.save_adapter(module, run_dir / "adapter")), "cache": tcfg.cache}
+        if logger:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            stats = {f"transfer/{k}": v for k, v in (syn.header.get("stats") or {}).items() if isinstance(v, float)}
+            logger.log_metrics({**stats, "transfer/synthetic": float(len(syn.accepted))})
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        _print(results)
+        return results
+    finally:
+        if logger and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def _print(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Trans-LoRA {results['source_model']} -> {results['target_model']} on {results['task']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted({**results["metrics"], **{k: v for k, v in (results["stats"] or {}).items()
+                                                        if isinstance(v, (int, float))}}.items()):
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("synthetic examples", str(results["synthetic"]))
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="transfer")
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg)

@@ -1,0 +1,79 @@
+"""SHiRA config (Bhardwaj et al., NeurIPS 2024, arXiv 2406.13175): Delta W = S, sparse, high rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_peft.config import AdapterConfig
+
+MaskKind = Literal["random", "struct", "wm", "grad", "snip"]
+MASK_KINDS: tuple[str, ...] = ("random", "struct", "wm", "grad", "snip")
+# masks that need gradient statistics from calibration batches before training starts
+CALIBRATED_MASKS = frozenset({"grad", "snip"})
+
+
+@dataclass
+class ShiRAConfig(AdapterConfig):
+    """Sparse high-rank adapter: train ``nnz`` chosen entries of each frozen weight, nothing else.
+
+    For a linear layer ``W`` ``(out, in)`` the adapter is ``(values (nnz,), index (2, nnz))`` and
+    ``y = x (W + S)^T + b`` with ``S[index] = values`` (SHiRA section 3). Per layer
+    ``nnz = round(density * out * in)`` (at least 1), or ``r * (out + in)`` when ``r`` is given
+    (peft's LoRA-equivalent budget, no padding in the saved file).
+
+    Attributes:
+        density: Fraction of each weight that is trained, in (0, 1] (paper: 1-2%).
+        mask: How the ``nnz`` positions are chosen (SHiRA section 3.1): ``random`` (uniform,
+            seeded), ``struct`` (every f-th row and column plus the diagonal), ``wm`` (top
+            ``|W|``), ``grad`` (top RMS gradient over ``calibration_batches`` train batches),
+            ``snip`` (top ``|W| * RMS grad``); or a callable ``(weight, grad_stats) ->
+            SparseIndex | bool mask`` returning exactly the layer's ``nnz`` positions.
+        r: If set (>= 1), ``nnz = r * (out + in)`` per layer instead of the density budget.
+        calibration_batches: Train batches whose gradients score ``grad``/``snip`` masks (and are
+            handed to a callable mask); 0 skips calibration.
+        seed: Seed of the random mask (per layer it is offset by a hash of the layer name).
+        use_triton: Kernel dispatch of the sparse ops (None: Triton on CUDA, reference on CPU).
+    """
+
+    density: float = 0.01
+    mask: MaskKind | Callable[..., Any] = "grad"
+    r: int | None = None
+    calibration_batches: int = 8
+    seed: int = 0
+    use_triton: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d = self.density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+            raise ValueError(
+                f"SHiRA density must be a float in (0, 1] (fraction of each weight trained), got density={d!r}; "
+                "the paper uses 0.01-0.02"
+            )
+        if not callable(self.mask) and self.mask not in MASK_KINDS:
+            raise ValueError(
+                f"SHiRA mask must be one of {', '.join(MASK_KINDS)} or a callable (weight, grad_stats) -> "
+                f"SparseIndex | bool mask, got mask={self.mask!r}"
+            )
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
+            raise ValueError(
+                f"SHiRA r must be None (use density) or a positive int (nnz = r * (in + out) per layer), got r={self.r!r}"
+            )
+        cb = self.calibration_batches
+        if isinstance(cb, bool) or not isinstance(cb, int) or cb < 0:
+            raise ValueError(f"SHiRA calibration_batches must be an int >= 0, got {cb!r}; the default is 8")
+        if self.mask in CALIBRATED_MASKS and cb == 0:
+            raise ValueError(
+                f"SHiRA mask={self.mask!r} scores weights by their gradients and needs calibration_batches >= 1, "
+                "got 0; pass e.g. calibration_batches=8 or use mask='wm'/'random'/'struct'"
+            )
+
+    @property
+    def mask_name(self) -> str:
+        """The mask's name as written into the saved adapter config (``custom`` for a callable)."""
+        return self.mask if isinstance(self.mask, str) else "custom"
+
+
+SHiRAConfig = ShiRAConfig  # the paper's capitalisation; both names are public

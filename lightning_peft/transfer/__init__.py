@@ -1,0 +1,66 @@
+"""Trans-LoRA (Wang et al., NeurIPS 2024, arXiv 2405.17258): carry an adapter to a new base.
+
+* :mod:`.synthesis`: the generator's seed-list prompt, parsing of its completions, de-duplication;
+* :mod:`.models`: sampling candidates, the discriminator's yes/no margins, teacher labels;
+* :mod:`.discriminator`: training the discriminator (function or ``TransLoRADiscriminator``
+  callback after source training);
+* :mod:`.filtering`: rejection sampling with acceptance statistics, MMD of embeddings;
+* :mod:`.provenance`: synthetic sets cached as JSONL with what produced them;
+* :mod:`.pipeline`: :func:`synthesize` then :func:`train_student` on the target model.
+"""
+
+from lightning_peft.transfer.discriminator import (
+    ExamplesDataModule,
+    TransLoRADiscriminator,
+    discriminator_accuracy,
+    train_discriminator,
+)
+from lightning_peft.transfer.filtering import FilterResult, mmd_rbf, rejection_sample
+from lightning_peft.transfer.models import (
+    DISCRIMINATOR_TEMPLATE,
+    completion_margins,
+    discriminator_examples,
+    greedy_completions,
+    sample_candidates,
+)
+from lightning_peft.transfer.pipeline import (
+    TransferConfig,
+    adapter_fingerprint,
+    fitting_seeds,
+    synthesize,
+    train_student,
+)
+from lightning_peft.transfer.provenance import FORMAT_VERSION, ProvenanceMismatchError, SyntheticSet
+from lightning_peft.transfer.synthesis import (
+    Deduplicator,
+    normalize_for_dedup,
+    parse_generation,
+    seed_list_prompt,
+)
+
+__all__ = [
+    "DISCRIMINATOR_TEMPLATE",
+    "FORMAT_VERSION",
+    "Deduplicator",
+    "ExamplesDataModule",
+    "FilterResult",
+    "ProvenanceMismatchError",
+    "SyntheticSet",
+    "TransLoRADiscriminator",
+    "TransferConfig",
+    "adapter_fingerprint",
+    "completion_margins",
+    "discriminator_accuracy",
+    "discriminator_examples",
+    "fitting_seeds",
+    "greedy_completions",
+    "mmd_rbf",
+    "normalize_for_dedup",
+    "parse_generation",
+    "rejection_sample",
+    "sample_candidates",
+    "seed_list_prompt",
+    "synthesize",
+    "train_discriminator",
+    "train_student",
+]

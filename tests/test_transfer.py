@@ -1,0 +1,280 @@
+"""Trans-LoRA data side: seed prompts, parsing awkward generations, de-duplication, the
+rejection filter, MMD, and synthetic-set provenance files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from lightning_peft.transfer import (
+    Deduplicator,
+    ProvenanceMismatchError,
+    SyntheticSet,
+    mmd_rbf,
+    parse_generation,
+    rejection_sample,
+    seed_list_prompt,
+)
+
+SEEDS = ["Question: Ana has 3 pens.\nAnswer:", "Question: Bo has 4 cups.\nAnswer:"]
+
+
+def test_seed_list_prompt_is_the_papers_numbered_list() -> None:
+    assert seed_list_prompt(SEEDS, "arithmetic") == (
+        "Here are 4 examples of arithmetic inputs:\n"
+        "1. Question: Ana has 3 pens.\nAnswer:\n"
+        "2. Question: Bo has 4 cups.\nAnswer:\n"
+        "3."
+    )
+    assert seed_list_prompt(["a b c"] * 5).startswith("Here are 10 examples")  # 5 seeds: the paper's 10
+    with pytest.raises(ValueError, match="at least one seed"):
+        seed_list_prompt([])
+    with pytest.raises(ValueError, match="empty seed"):
+        seed_list_prompt(["ok text", "  "])
+    with pytest.raises(ValueError, match="total >= 3"):
+        seed_list_prompt(SEEDS, total=2)
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        (" Question: Cy has 5 hats.\nAnswer:\n4. Question: next", "Question: Cy has 5 hats.\nAnswer:"),  # multi-line item
+        (" Dan buys 2.5 kg of rice for 3.75.\n7) another", "Dan buys 2.5 kg of rice for 3.75."),  # decimals stay, "7)" cuts
+        ("3. 3. Eve has 9 keys.</s>", "Eve has 9 keys."),  # repeated open number, special-token text
+        (' "Fay has 1 dog."\n\n5. x', "Fay has 1 dog."),  # quotes, blank line before the next item
+        ("  12 . Gil counts to 12.\n 13. more", "Gil counts to 12."),
+        ("", None),
+        ("\n4. nothing before the next number", None),  # the model skipped the item
+        (" 42", None),  # too short
+        (" word" * 400, None),  # never closed
+    ],
+)
+def test_parse_generation_on_awkward_generations(completion: str, expected: str | None) -> None:
+    assert parse_generation(completion) == expected
+
+
+def test_deduplicator_rejects_seeds_and_near_copies() -> None:
+    dedup = Deduplicator(SEEDS)
+    assert not dedup.add("question: ana has 3 pens.  answer:")  # a seed, case and spacing changed
+    assert dedup.add("Question: Cy has 5 hats.\nAnswer:")
+    assert not dedup.add("Question: Cy has 5 hats. Answer: ")
+    assert dedup.add("Question: Cy has 6 hats.\nAnswer:")
+    assert dedup.rejected == 2
+
+
+def test_mmd_hand_computed_and_separates_shifted_samples() -> None:
+    x, y = torch.zeros(2, 1), torch.ones(2, 1)
+    # unbiased: k(x,x') = 1, k(y,y') = 1, k(x,y) = exp(-1/2) with h = 1
+    assert mmd_rbf(x, y, bandwidth=1.0) == pytest.approx(2 - 2 * math.exp(-0.5))
+    assert mmd_rbf(x, x.clone(), bandwidth=1.0) == pytest.approx(0.0)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    shifted = torch.randn(200, 8, generator=g) + 1.0
+    assert abs(mmd_rbf(a, b)) < 0.02 < mmd_rbf(a, shifted)
+    with pytest.raises(ValueError, match="same d"):
+        mmd_rbf(a, shifted[:, :3])
+
+
+def _proposals(texts: list[str], batch: int):
+    for i in range(0, len(texts), batch):
+        yield texts[i : i + batch]
+
+
+def test_rejection_sample_stops_at_target_and_records_acceptance() -> None:
+    texts = [f"item {i}" for i in range(100)]
+    score = lambda batch: torch.tensor([1.0 if int(t.split()[1]) % 3 == 0 else -1.0 for t in batch])  # noqa: E731
+    result = rejection_sample(_proposals(texts, 7), score, target=10, progress=False)
+    assert result.kept == [f"item {i}" for i in range(0, 30, 3)]  # exactly 10, in order
+    assert result.proposed == 28 and result.acceptance_rate == pytest.approx(10 / 28)
+    assert all(s > 0 for s in result.kept_scores) and all(s <= 0 for s in result.rejected_scores)
+    short = rejection_sample(_proposals(texts, 7), score, target=50, max_proposed=20, progress=False)
+    assert short.proposed == 20 and len(short.kept) == 7
+    with pytest.raises(ValueError, match="target must be an int >= 1"):
+        rejection_sample(_proposals(texts, 7), score, target=0)
+    with pytest.raises(ValueError, match=r"return \(B,\) margins"):
+        rejection_sample(_proposals(texts, 7), lambda b: torch.zeros(len(b), 2), target=1, progress=False)
+
+
+def test_synthetic_set_round_trip_mismatch_and_atomic_replace(tmp_path, monkeypatch) -> None:
+    header = {"task": "arithmetic", "seeds": SEEDS, "sampling": {"temperature": 0.8, "top_p": 0.95}}
+    records = [{"input": "Question: x?\nAnswer:", "output": " 4", "accepted": True, "score": 1.25},
+               {"input": "noise", "output": None, "accepted": False, "score": -0.5}]
+    path = SyntheticSet(header, records).save(tmp_path / "syn.jsonl")
+    back = SyntheticSet.load(path)
+    assert back.header == header and back.records == records and back.acceptance_rate == 0.5
+    back.check_header({"task": "arithmetic", "sampling": {"top_p": 0.95, "temperature": 0.8}})
+    with pytest.raises(ProvenanceMismatchError, match=r"sampling: file .*temperature': 0.8.* vs now .*temperature': 1.0"):
+        back.check_header({"sampling": {"temperature": 1.0, "top_p": 0.95}})
+
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        SyntheticSet(header, records[:1]).save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["syn.jsonl"]
+
+    monkeypatch.undo()
+    (tmp_path / "bad.jsonl").write_text('{"kind": "example", "input": "x"}\n')
+    with pytest.raises(ValueError, match="no provenance header"):
+        SyntheticSet.load(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match="is not JSON"):
+        SyntheticSet.load(tmp_path / "broken.jsonl")
+
+
+# ------------------------------------------------------------------ model roles (micro zoo model)
+def _gibberish(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    letters = "qwxzjkvbp"
+    return [" ".join("".join(letters[int(i)] for i in torch.randint(0, len(letters), (5,), generator=g))
+                     for _ in range(6)) for _ in range(n)]
+
+
+def test_discriminator_learns_a_separable_toy_case(micro_model_dir: str, tmp_path) -> None:
+    from lightning_peft import load_adapter
+    from lightning_peft.tasks import get_task
+    from lightning_peft.transfer import discriminator_accuracy, train_discriminator
+    from lightning_peft.transfer.discriminator import ExamplesDataModule  # noqa: F401  (used by the trainer)
+
+    prompts = [e.prompt for e in get_task("arithmetic", tokenizer=micro_model_dir, num_train=60, num_val=1,
+                                            num_test=1).get_examples()["train"]]
+    real, held_real = prompts[:40], prompts[40:60]
+    fake, held_fake = _gibberish(40, 0), _gibberish(20, 1)
+    module, folder = train_discriminator(micro_model_dir, real, fake, "arithmetic", tmp_path / "disc",
+                                         max_steps=40, batch_size=8, lr=3e-3, max_length=64,
+                                         trainer_kwargs={"enable_progress_bar": False})
+    assert discriminator_accuracy(module, held_real, held_fake, "arithmetic") >= 0.9
+    # the saved folder is a plain adapter: reloaded onto a fresh base it scores the same
+    from lightning_peft.module import CausalLMModule
+    fresh = CausalLMModule(model=micro_model_dir)
+    fresh.configure_model()
+    untrained = discriminator_accuracy(fresh, held_real, held_fake, "arithmetic")
+    load_adapter(fresh, folder)
+    assert discriminator_accuracy(fresh, held_real, held_fake, "arithmetic") >= 0.9 > untrained
+
+
+def test_generator_stream_is_seeded_parsed_and_deduplicated(micro_model_dir: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_peft.transfer import greedy_completions, sample_candidates
+
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    tok = AutoTokenizer.from_pretrained(micro_model_dir)
+    seeds = ["Question: Ana has 3 pens.\nAnswer:", "Question: Bo has 4 cups.\nAnswer:", "Question: Cy has 2 hats.\nAnswer:"]
+    run = lambda: list(sample_candidates(model, tok, seeds, "arithmetic", batch_size=6, max_new_tokens=24,  # noqa: E731
+                                         seed=3, max_batches=3))
+    first = run()
+    assert first == run() and len(first) == 3  # same seed, same stream; one list per batch
+    items = [x for batch in first for x in batch]
+    assert len({x.casefold() for x in items}) == len(items) and not set(items) & set(seeds)
+    assert all(8 <= len(x) <= 1000 and not x[:1].isspace() for x in items)
+    model.train()
+    labels = greedy_completions(model, tok, seeds[:2], max_new_tokens=8, progress=False)
+    assert model.training and len(labels) == 2 and labels == greedy_completions(model, tok, seeds[:2], max_new_tokens=8,
+                                                                               progress=False)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        next(sample_candidates(model, tok, seeds, "arithmetic", temperature=0.0))
+
+
+def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path, monkeypatch) -> None:
+    """v1 adapter + discriminator -> synthetic set for v2 (cached, with provenance) -> student on v2."""
+    import lightning as L
+
+    import lightning_peft as lp
+    from lightning_peft import transfer
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.tasks import get_task
+
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+             "enable_checkpointing": False}
+    task_kw = {"num_train": 24, "num_val": 0, "num_test": 4, "max_length": 64}
+    source = CausalLMModule(model="llama-micro-v1", lr=3e-3)
+    disc = transfer.TransLoRADiscriminator(tmp_path / "source_adapter-discriminator", num_real=8, num_seeds=1,
+                                           max_new_tokens=24, max_steps=4, max_length=64,
+                                           trainer_kwargs={"enable_progress_bar": False})
+    L.Trainer(max_steps=4, callbacks=[lp.LoRA(r=2), disc], **quiet).fit(
+        source, get_task("arithmetic", tokenizer="llama-micro-v1", batch_size=4, **task_kw))
+    adapter = lp.save_adapter(source, tmp_path / "source_adapter")
+    assert disc.path == tmp_path / "source_adapter-discriminator" and (disc.path / "adapter_config.json").exists()
+
+    common = {"source_model": "llama-micro-v1", "source_adapter": str(adapter), "target_model": "llama-micro-v2",
+              "task": "arithmetic", "num_synthetic": 3, "generate_batch_size": 8, "max_new_tokens": 24,
+              "label_max_new_tokens": 12, "task_kwargs": task_kw,
+              "generator_context": 256}  # micro models: 64-token context, RoPE runs past it
+    # filtered: a 4-step discriminator trained on real vs gibberish refuses the micro models' babble
+    strict = transfer.TransferConfig(**common, max_proposed=16, cache=str(tmp_path / "filtered.jsonl"))
+    with pytest.raises(RuntimeError, match=r"kept only \d of the 3 .*acceptance .* over 16 proposals"):
+        transfer.synthesize(strict)
+    found = transfer.SyntheticSet.load(strict.cache)  # saved before failing: a rerun continues
+    assert len(found.records) == 16 and found.header["filter"] is True
+    assert all((r["score"] > 0) == r["accepted"] for r in found.records)
+    stats = found.header["stats"]
+    assert stats["proposed"] == 16 and stats["acceptance_rate"] == len(found.accepted) / 16
+    computable = len(found.header["seeds"]) >= 2 and len(found.records) - len(found.accepted) >= 2
+    assert isinstance(stats["mmd_rejected_vs_seeds"], float) if computable else stats["mmd_rejected_vs_seeds"] is None
+
+    cfg = transfer.TransferConfig(**common, filter=False, cache=str(tmp_path / "synthetic.jsonl"))
+    syn = transfer.synthesize(cfg)
+    assert len(syn.accepted) == 3 and all(r["output"] is not None for r in syn.accepted)
+    on_disk = transfer.SyntheticSet.load(cfg.cache)
+    assert on_disk.records == syn.records
+    assert on_disk.header["source_adapter_fingerprint"] == transfer.adapter_fingerprint(adapter)
+    assert 1 <= len(on_disk.header["seeds"]) <= 5 and on_disk.header["generator"] == "llama-micro-v2"
+
+    # a second run reuses the cache without generating; other settings are refused, not mixed in
+    monkeypatch.setattr(transfer.pipeline, "sample_candidates", lambda *a, **k: pytest.fail("regenerated"))
+    assert transfer.synthesize(cfg).records == syn.records
+    with pytest.raises(transfer.ProvenanceMismatchError, match="temperature"):
+        transfer.synthesize(transfer.TransferConfig(**{**cfg.__dict__, "temperature": 0.5}))
+    monkeypatch.undo()
+
+    student, metrics = transfer.train_student(cfg, syn, method="lora", method_kwargs={"r": 2},
+                                              trainer_kwargs={"max_steps": 2, **quiet},
+                                              data_kwargs={"batch_size": 2})
+    assert {"test/loss", "test/exact_match"} <= metrics.keys()
+    assert any(".lora_A." in n for n, p in student.named_parameters() if p.requires_grad)
+
+
+def test_transfer_cli_composes_and_runs(micro_model_dir: str, tmp_path) -> None:
+    """`lightning-peft transfer` through Hydra's own composition, unfiltered, on micro models."""
+    import json
+
+    import lightning as L
+
+    import lightning_peft as lp
+    from lightning_peft.cli import main
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.tasks import get_task
+
+    source = CausalLMModule(model="llama-micro-v1")
+    L.Trainer(max_steps=2, callbacks=[lp.LoRA(r=2)], logger=False, enable_progress_bar=False,
+              enable_checkpointing=False).fit(source, get_task("arithmetic", tokenizer="llama-micro-v1", num_train=8,
+                                                                num_val=0, num_test=2, max_length=64))
+    adapter = lp.save_adapter(source, tmp_path / "adapter")
+    run_dir = tmp_path / "run"
+    assert main(["transfer", f"source_adapter={adapter}", "source_model=llama-micro-v1", "target_model=llama-micro-v2",
+                 "filter=false", "num_synthetic=2", "generate_batch_size=4", "max_new_tokens=16",
+                 "label_max_new_tokens=6", "generator_context=256", "+task_kwargs.num_train=8",
+                 "+task_kwargs.num_val=0", "+task_kwargs.num_test=2", "+task_kwargs.max_length=64",
+                 "student.trainer_kwargs.max_steps=1", "student.data_kwargs.batch_size=2",
+                 "student.method_kwargs.r=2", "logger=csv", f"hydra.run.dir={run_dir}"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["synthetic"] == 2 and "test/exact_match" in results["metrics"]
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    assert len(lp.transfer.SyntheticSet.load(run_dir / "synthetic.jsonl").accepted) == 2
+
+
+def test_translora_source_experiment_adds_the_discriminator_callback(tmp_path) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from lightning_peft.transfer import TransLoRADiscriminator
+
+    with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
+        cfg = compose("train", overrides=["experiment=translora_source", f"run_dir={tmp_path}"], return_hydra_config=False)
+    callback = instantiate(cfg.callbacks.translora_discriminator)
+    assert isinstance(callback, TransLoRADiscriminator)
+    assert callback.out_dir == tmp_path / "adapter-discriminator"  # next to the run's adapter/
+    assert callback.train_kwargs["max_length"] == cfg.task.max_length
