@@ -7,7 +7,7 @@ Attach an adapter callback to a ``Trainer`` and any LightningModule is adapted::
     lightning_peft.save_adapter(my_module, "adapter/")   # peft's folder format
 """
 
-from lightning_peft import methods  # noqa: F401  (registers the built-in methods)
+from lightning_peft import methods, transfer  # noqa: F401  (registers the methods; lp.transfer: Trans-LoRA)
 from lightning_peft.adapter_io import (
     AdapterFormatError,
     BaseModelMismatchWarning,
@@ -21,8 +21,9 @@ from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import AdapterConfig
 from lightning_peft.methods.lora import LoRA, LoRAConfig
 from lightning_peft.methods.rosa import RoSA, RoSAConfig, RosaConfig
-from lightning_peft.methods.shira import SHiRA, SHiRAConfig, ShiRAConfig
+from lightning_peft.methods.shira import SHiRA, SHiRAConfig
 from lightning_peft.methods.trans_peft import TransPEFT, TransPEFTConfig
+from lightning_peft.plugins import AdapterCheckpointIO
 from lightning_peft.registry import available_methods, create_method, get_method, register_method
 from lightning_peft.targeting import NoTargetModulesError, find_target_modules
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterBank",
     "AdapterCallback",
+    "AdapterCheckpointIO",
     "AdapterConfig",
     "AdapterFormatError",
     "BaseModelMismatchWarning",
@@ -43,7 +45,6 @@ __all__ = [
     "RosaConfig",
     "SHiRA",
     "SHiRAConfig",
-    "ShiRAConfig",
     "TransPEFT",
     "TransPEFTConfig",
     "__version__",

@@ -51,8 +51,7 @@ def test_config_errors_name_rule_value_and_fix(kwargs: dict, match: str) -> None
         lp.SHiRA(**kwargs)
 
 
-def test_both_config_spellings_and_registry() -> None:
-    assert lp.SHiRAConfig is lp.ShiRAConfig
+def test_registered_as_shira() -> None:
     assert lp.get_method("shira") is lp.SHiRA
 
 

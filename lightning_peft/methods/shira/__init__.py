@@ -35,12 +35,12 @@ from lightning_peft.adapter_io import register_injection_context
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import check_resumed_config
 from lightning_peft.kernels import SparseIndex
-from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig, ShiRAConfig
+from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
 from lightning_peft.methods.shira.mask import build_mask, layer_nnz
 from lightning_peft.registry import register_method
 
-__all__ = ["SHiRA", "SHiRAConfig", "ShiRAConfig", "ShiraLinear"]
+__all__ = ["SHiRA", "SHiRAConfig", "ShiraLinear"]
 
 log = logging.getLogger(__name__)
 register_injection_context("SHIRA", shira_layer_class)  # load_adapter builds our layer for shira folders
@@ -78,11 +78,11 @@ class SHiRA(AdapterCallback):
         use_triton: Sparse-kernel dispatch (``None``: Triton on CUDA, reference on CPU).
 
     Raises:
-        ValueError: invalid config values (see :class:`ShiRAConfig`), or targets that are not
+        ValueError: invalid config values (see :class:`SHiRAConfig`), or targets that are not
             ``nn.Linear``.
     """
 
-    config_cls = ShiRAConfig
+    config_cls = SHiRAConfig
 
     def __init__(
         self,
@@ -97,7 +97,7 @@ class SHiRA(AdapterCallback):
         use_triton: bool | None = None,
     ) -> None:
         super().__init__(
-            ShiRAConfig(
+            SHiRAConfig(
                 target_modules=target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name,
                 density=density, mask=mask, r=r, calibration_batches=calibration_batches, seed=seed,
                 use_triton=use_triton,

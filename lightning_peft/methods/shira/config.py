@@ -15,7 +15,7 @@ CALIBRATED_MASKS = frozenset({"grad", "snip"})
 
 
 @dataclass
-class ShiRAConfig(AdapterConfig):
+class SHiRAConfig(AdapterConfig):
     """Sparse high-rank adapter: train ``nnz`` chosen entries of each frozen weight, nothing else.
 
     For a linear layer ``W`` ``(out, in)`` the adapter is ``(values (nnz,), index (2, nnz))`` and
@@ -76,4 +76,3 @@ class ShiRAConfig(AdapterConfig):
         return self.mask if isinstance(self.mask, str) else "custom"
 
 
-SHiRAConfig = ShiRAConfig  # the paper's capitalisation; both names are public
