@@ -42,11 +42,30 @@ def _idx(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor]:
     return index.row.long(), index.col.long()
 
 
+def _flat(weight: torch.Tensor, index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(1-D view of W's memory, (nnz,) int64 offsets)`` when W is one dense block (W or W^T).
+
+    Flat ``index_select``/``index_copy_`` are 2-3x faster on CPU than 2-D advanced indexing
+    (4096x11008 fp32, 450k entries: 3.6 vs 11.8 ms to gather, 1.7 vs 4.8 ms to write) and need
+    one int64 index (8 B/nnz) instead of two. ``None`` for other layouts (2-D indexing then).
+    """
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        return None
+    offsets = index.row.to(torch.int64).mul_(weight.stride(0)).add_(index.col, alpha=weight.stride(1))  # (nnz,)
+    return weight.as_strided((weight.numel(),), (1,)), offsets
+
+
 def scatter_set_reference(weight: torch.Tensor, index: SparseIndex, values: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference of :func:`scatter_set` (``index_put_``, no dense temporary)."""
-    rc = _idx(index)
-    saved = weight[rc]  # (nnz,) in W's dtype
-    weight.index_put_(rc, values.to(weight.dtype))
+    """PyTorch reference of :func:`scatter_set` (flat ``index_copy_``, no dense temporary)."""
+    flat = _flat(weight, index)
+    if flat is None:
+        rc = _idx(index)
+        saved = weight[rc]  # (nnz,) in W's dtype
+        weight.index_put_(rc, values.to(weight.dtype))
+        return saved
+    buf, offsets = flat
+    saved = buf.index_select(0, offsets)  # (nnz,) in W's dtype
+    buf.index_copy_(0, offsets, values.to(weight.dtype))
     return saved
 
 
@@ -54,17 +73,26 @@ def scatter_add_reference(
     weight: torch.Tensor, index: SparseIndex, values: torch.Tensor, alpha: float = 1.0
 ) -> torch.Tensor:
     """PyTorch reference of :func:`scatter_add`: fp32 (or fp64) sum, one rounding to W's dtype."""
-    rc = _idx(index)
-    saved = weight[rc]  # (nnz,)
+    flat = _flat(weight, index)
     acc = torch.promote_types(torch.promote_types(weight.dtype, values.dtype), torch.float32)
-    new = saved.to(acc) + values.to(acc) * alpha
-    weight.index_put_(rc, new.to(weight.dtype))
+    if flat is None:
+        rc = _idx(index)
+        saved = weight[rc]  # (nnz,)
+        weight.index_put_(rc, (saved.to(acc) + values.to(acc) * alpha).to(weight.dtype))
+        return saved
+    buf, offsets = flat
+    saved = buf.index_select(0, offsets)  # (nnz,)
+    buf.index_copy_(0, offsets, (saved.to(acc) + values.to(acc) * alpha).to(weight.dtype))
     return saved
 
 
 def scatter_restore_reference(weight: torch.Tensor, index: SparseIndex, saved: torch.Tensor) -> None:
     """PyTorch reference of :func:`scatter_restore` (writes the saved bits back)."""
-    weight.index_put_(_idx(index), saved)
+    flat = _flat(weight, index)
+    if flat is None:
+        weight.index_put_(_idx(index), saved)
+    else:
+        flat[0].index_copy_(0, flat[1], saved)
 
 
 # ---------------------------------------------------------------------------- triton

@@ -16,7 +16,7 @@ non-empty). Each program owns ``BLOCK_K`` consecutive nonzeros and walks ``T`` i
 row-major order makes consecutive ``k`` share ``row[k]``. Loads in the input dtype (bf16 halves
 the bytes), accumulation always in fp32.
 
-Off CUDA the op runs :func:`sddmm_sampled_addmm` (``torch.sparse.sampled_addmm``: 0.11-0.68x the
+Off CUDA the op runs :func:`sddmm_sampled_addmm` (``torch.sparse.sampled_addmm``: 0.11-0.68x (two runs) the
 dense GEMM's time on CPU at 0.5-5%, ``benchmarks/sparse_ops.py``); :func:`sddmm_reference` stays
 the test oracle. The switch
 to "dense GEMM + gather" above a measured density lives in
@@ -90,8 +90,8 @@ def sddmm_sampled_addmm(
     """The non-Triton path of :func:`sddmm`: ``torch.sparse.sampled_addmm`` on a CSR view of the mask.
 
     ``sampled_addmm(C, dO^T, X)`` evaluates ``(dO^T X)`` only at ``C``'s nonzeros (MKL/OpenMP on
-    CPU, cuSPARSE on CUDA). On CPU it takes 0.11-0.68x the dense ``dO^T X`` GEMM's time at
-    0.5-5% density and is 5-68x faster than :func:`sddmm_reference` (``benchmarks/sparse_ops.py``,
+    CPU, cuSPARSE on CUDA). On CPU it takes 0.11-0.68x (two runs) the dense ``dO^T X`` GEMM's time at
+    0.5-5% density and is 3.5-68x faster than :func:`sddmm_reference` (``benchmarks/sparse_ops.py``,
     rows ``sddmm_ms_vs_*`` in ``benchmarks/results.csv``). The CSR row offsets come from the sorted COO
     index (:meth:`SparseIndex.crow`, cast to int32 like ``col``): the ``(nnz,)`` columns are used as they are.
 

@@ -55,9 +55,10 @@ __all__ = [
 # Density above which a *training* step uses dense GEMM + gather instead of SDDMM for dS, per
 # device type (methods.md section 5).
 # cpu: benchmarks/sparse_ops.py, train_step_ms_vs_dense_fallback (fwd + dX + dS, fp32, W 1024x1024
-#   and 2048x1024, T 256/1024, 2 cores, rows in benchmarks/results.csv): the sparse path takes
-#   0.73-1.00x the dense fallback's time up to d = 5%, 0.93-1.02x at 10% and 0.94-1.54x at 20%,
-#   so the crossover is just above 10%: 0.1.
+#   and 2048x1024, T 256/1024, 2 cores; two quiet runs in benchmarks/results.csv): the sparse path
+#   takes 0.61-1.20x the dense fallback's time up to d = 5% (median 0.82x), 0.87-1.34x at 10%
+#   (median ~1.0x) and 0.94-1.61x at 20%. The crossover is about 10%, and below it the sparse
+#   path also never allocates the dense (out, in) gradient: 0.1.
 # cuda: methods.md's "~3%" (SDDMM target <= 0.4x cuBLAS dW at 1%, <= 0.8x at 2%). NOT measured
 #   here: no GPU was lent yet; re-run benchmarks/sparse_ops.py on one and set it from the crossover.
 DENSE_FALLBACK_DENSITY: dict[str, float] = {"cpu": 0.1, "cuda": 0.03}

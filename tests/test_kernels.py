@@ -209,17 +209,25 @@ def test_scatter_many_switches_restore_bit_exact_with_special_values(use_triton:
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=triton_only)])
-def test_scatter_on_noncontiguous_weight(use_triton: bool) -> None:
+@pytest.mark.parametrize("layout", ["transposed", "column_slice"])
+def test_scatter_on_noncontiguous_weight(use_triton: bool, layout: str) -> None:
     index = _index(0.1, seed=13)
-    base = _randn(IN, OUT, seed=14)
-    w = base.T  # (out, in) view with strides (1, out)
+    if layout == "transposed":  # one dense block, strides (1, out): the flat CPU path
+        base = _randn(IN, OUT, seed=14)
+        w = base.T
+    else:  # every other column of a wider matrix: not one block, the 2-D CPU path
+        base = _randn(OUT, 2 * IN, seed=14)
+        w = base[:, ::2]
+    original = base.clone()
     values = _randn(index.nnz, seed=15)
     want = w.contiguous()
     scatter_add_reference(want, index, values, 2.0)
     saved = scatter_add(w, index, values, 2.0, use_triton=use_triton)
     assert torch.equal(w, want)
+    if layout == "column_slice":
+        assert torch.equal(base[:, 1::2], original[:, 1::2]), "wrote outside the view"
     scatter_restore(w, index, saved, use_triton=use_triton)
-    assert torch.equal(base, _randn(IN, OUT, seed=14))
+    assert torch.equal(_bits(base), _bits(original))
 
 
 def test_scatter_errors() -> None:
