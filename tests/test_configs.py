@@ -19,7 +19,7 @@ import lightning_peft as lp
 from lightning_peft.cli import main as cli_main
 
 CONF = files("lightning_peft.conf")
-GROUPS = ["model", "method", "trans_peft", "task", "trainer", "logger", "experiment"]
+GROUPS = ["model", "method", "trans_peft", "task", "trainer", "logger", "experiment", "hparams_search"]
 # options that need a value only a user can give (a real checkpoint or dataset)
 REQUIRED = {
     ("model", "hf"): ["model.name_or_path=llama-micro-v1"],

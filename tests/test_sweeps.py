@@ -1,0 +1,90 @@
+"""Sweeps: W&B sweep files render into `lightning-peft train` commands that Hydra composes and that
+run; `conf/hparams_search/` grids compose and expand into one multirun job per point."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import lightning_peft as lp
+
+SWEEPS = sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.yaml"))
+# what makes any run seconds-long on the micro zoo model, per kind of run
+QUICK = {
+    "train": ["experiment=smoke", "trainer.max_steps=2", "logger=csv"],
+    "evolve": ["model.name_or_path=llama-micro-v1", "trainer.max_steps=2", "task.max_length=64", "task.num_train=16",
+               "task.num_test=4", "module.max_new_tokens=4", "logger=csv"],
+}
+
+
+def render(sweep: dict) -> list[list[str]]:
+    """Every point of the sweep as the command W&B's agent runs (``${args_no_hyphens}`` expanded)."""
+    params = sweep["parameters"]
+    axes = [[(k, v) for v in (p["values"] if "values" in p else [p["value"]])] for k, p in params.items()]
+    commands = []
+    for point in itertools.product(*axes):
+        args = [f"{k}={v}" for k, v in point]
+        commands.append([a for c in sweep["command"] for a in (args if c == "${args_no_hyphens}" else [c])])
+    return commands
+
+
+def _overrides(command: list[str]) -> list[str]:
+    assert command[:2] == ["lightning-peft", "train"], command
+    return command[2:]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_sweep_point_composes_and_instantiates(path: Path) -> None:
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["method"] in ("grid", "random", "bayes") and "${args_no_hyphens}" in sweep["command"]
+    commands = render(sweep)
+    assert len(commands) >= 2
+    with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
+        for command in commands:
+            cfg = compose("train", overrides=_overrides(command))
+            method = instantiate(cfg.method)
+            assert isinstance(method, lp.AdapterCallback)
+            for arg in _overrides(command):  # every swept value reached the composed config
+                key, value = arg.split("=", 1)
+                if key not in ("method", "experiment"):
+                    assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_first_and_last_point_of_each_sweep_run_offline(path: Path, micro_model_dir: str, tmp_path: Path) -> None:
+    commands = render(yaml.safe_load(path.read_text()))
+    for i, command in enumerate((commands[0], commands[-1])):
+        overrides = _overrides(command)
+        quick = QUICK["evolve" if "experiment=evolve" in overrides else "train"]
+        run_dir = tmp_path / str(i)
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", "train",
+             *quick, *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((run_dir / "results.json").read_text())
+        method = dict(a.split("=", 1) for a in overrides)["method"]
+        assert results["method"] == lp.get_method(method).method_name
+
+
+@pytest.mark.parametrize("name", ["lora_rank", "rosa_density"])
+def test_hparams_search_grid_expands_to_one_job_per_point(name: str) -> None:
+    with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
+        cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    points = list(itertools.product(*(str(v).split(",") for v in params.values())))
+    assert len(points) == 4
+    with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
+        for point in points:
+            job = compose("train", overrides=[f"hparams_search={name}", *(f"{k}={v}" for k, v in zip(params, point))])
+            assert isinstance(instantiate(job.method), lp.AdapterCallback)
