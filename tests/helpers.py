@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -105,7 +106,25 @@ def base_params(module: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def read_wandb_offline_run(path) -> list:
+def read_wandb_offline_run(path, timeout: float = 60.0) -> list:
+    """The W&B ``Record`` protobufs of an offline ``run-*.wandb`` file, once its ``exit`` record is on disk.
+
+    W&B's core process can still be flushing its last 32 KiB block when ``wandb.finish()``
+    returns (seen: a file cut at 32768 bytes), so this re-reads until the run's ``exit`` record
+    is there or ``timeout`` seconds have passed (then it returns what it could read).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = _decode_wandb_run(path)
+        except Exception:  # a chunk cut mid-write  # noqa: BLE001
+            records = []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _decode_wandb_run(path) -> list:
     """Decode an offline ``run-*.wandb`` file into W&B ``Record`` protobufs.
 
     W&B 0.31 writes it with its Go core and ships no Python reader: a 7-byte header (``:W&B``,

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -148,20 +147,6 @@ def test_report_folder(pair, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["weights"][0]["param"] == "model.embed_tokens.weight"
 
 
-def _records_until_exit(run_file: Path, timeout: float = 60.0) -> list:
-    """The run's records once its `exit` record is on disk: W&B's core process can still be
-    flushing its last 32 KiB block when ``wandb.finish()`` returns (seen: a file cut at 32768 bytes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            records = read_wandb_offline_run(run_file)
-        except Exception:  # a chunk cut mid-write  # noqa: BLE001
-            records = []
-        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
 def test_drift_callback_logs_tables_and_images_to_wandb(tmp_path: Path) -> None:
     import wandb
     from lightning.pytorch.loggers import WandbLogger
@@ -180,7 +165,7 @@ def test_drift_callback_logs_tables_and_images_to_wandb(tmp_path: Path) -> None:
     finally:
         wandb.finish()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    records = _records_until_exit(run_file)
+    records = read_wandb_offline_run(run_file)
     key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
     logged = {key(i): json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item}
     # media arrive flattened: "drift/cka/_type": "table-file", "drift/cka/path": "media/table/..."

@@ -136,7 +136,6 @@ def test_discriminator_learns_a_separable_toy_case(micro_model_dir: str, tmp_pat
     from lightning_peft import load_adapter
     from lightning_peft.tasks import get_task
     from lightning_peft.transfer import discriminator_accuracy, train_discriminator
-    from lightning_peft.transfer.discriminator import ExamplesDataModule  # noqa: F401  (used by the trainer)
 
     prompts = [e.prompt for e in get_task("arithmetic", tokenizer=micro_model_dir, num_train=60, num_val=1,
                                             num_test=1).get_examples()["train"]]

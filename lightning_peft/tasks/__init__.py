@@ -15,6 +15,7 @@ from lightning_peft.tasks.arithmetic import ArithmeticProblem, ArithmeticTask
 from lightning_peft.tasks.base import PromptCompletionDataModule, normalize_whitespace
 from lightning_peft.tasks.data import IGNORE_INDEX, Example, PromptCompletionCollator, tokenize_examples
 from lightning_peft.tasks.data2text import Data2TextTask
+from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.tasks.hf_dataset import HFDatasetTask
 from lightning_peft.tasks.registry import TASKS, get_task
 from lightning_peft.tasks.sql import SCHEMA, SQLTask, world_tables
@@ -25,6 +26,7 @@ __all__ = [
     "ArithmeticTask",
     "Data2TextTask",
     "Example",
+    "ExamplesDataModule",
     "HFDatasetTask",
     "IGNORE_INDEX",
     "PromptCompletionCollator",

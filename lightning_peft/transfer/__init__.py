@@ -9,8 +9,8 @@
 * :mod:`.pipeline`: :func:`synthesize` then :func:`train_student` on the target model.
 """
 
+from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.transfer.discriminator import (
-    ExamplesDataModule,
     TransLoRADiscriminator,
     discriminator_accuracy,
     train_discriminator,

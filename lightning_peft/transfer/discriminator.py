@@ -21,38 +21,10 @@ from lightning_peft.adapter_io import save_adapter
 from lightning_peft.methods.lora import LoRA
 from lightning_peft.module import CausalLMModule
 from lightning_peft.tasks.base import PromptCompletionDataModule
-from lightning_peft.tasks.data import Example
+from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.transfer.models import completion_margins, discriminator_examples
 
-__all__ = ["ExamplesDataModule", "TransLoRADiscriminator", "discriminator_accuracy", "train_discriminator"]
-
-
-class ExamplesDataModule(PromptCompletionDataModule):
-    """A prompt/completion datamodule over examples given in memory (synthetic sets, yes/no data).
-
-    Args:
-        tokenizer: As for every task.
-        train: Training examples.
-        val, test: Optional evaluation examples (empty: no loader).
-        **kwargs: The other :class:`PromptCompletionDataModule` arguments (``batch_size``, ...).
-    """
-
-    task_name = "examples"
-
-    def __init__(self, tokenizer: Any, train: Sequence[Example], val: Sequence[Example] = (),
-                 test: Sequence[Example] = (), **kwargs: Any) -> None:
-        if not train:
-            raise ValueError("ExamplesDataModule needs at least one training example; got an empty train list.")
-        super().__init__(tokenizer, num_train=len(train), num_val=len(val), num_test=len(test), **kwargs)
-        # save_hyperparameters (in the base) picked up the example lists: loggers cannot store
-        # frozen dataclasses, and the sizes are already there as num_train/num_val/num_test
-        for split in ("train", "val", "test"):
-            self.hparams.pop(split, None)
-            self._hparams_initial.pop(split, None)
-        self._splits = {"train": list(train), "val": list(val), "test": list(test)}
-
-    def build_splits(self) -> dict[str, list[Example]]:
-        return self._splits
+__all__ = ["TransLoRADiscriminator", "discriminator_accuracy", "train_discriminator"]
 
 
 def train_discriminator(

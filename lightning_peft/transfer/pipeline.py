@@ -29,7 +29,7 @@ from lightning_peft.adapter_io import load_adapter
 from lightning_peft.registry import create_method
 from lightning_peft.tasks import get_task
 from lightning_peft.tasks.data import Example
-from lightning_peft.transfer.discriminator import ExamplesDataModule
+from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.transfer.filtering import FilterResult, mmd_rbf, rejection_sample
 from lightning_peft.transfer.models import completion_margins, embed, greedy_completions, sample_candidates
 from lightning_peft.transfer.provenance import SyntheticSet

@@ -37,11 +37,10 @@ from lightning_peft.methods.rosa.layer import RosaLayer
 from lightning_peft.methods.rosa.mask import (
     GradientCollector,
     layer_generator,
-    mask_from_statistic,
-    random_index,
 )
 from lightning_peft.methods.rosa.model import RosaModel, register
 from lightning_peft.registry import register_method
+from lightning_peft.sparse_delta import random_mask, topk_mask
 
 __all__ = ["RoSA", "RoSAConfig", "RosaConfig", "RosaLayer", "RosaModel", "SparseRoSA"]
 
@@ -229,11 +228,11 @@ class RoSA(AdapterCallback):
                         f"RoSA[{name}]: no gradients were collected for {layer_name} before the mask step "
                         f"{c.mask_step}; the layer was not used in training_step"
                     )
-                index = mask_from_statistic(collector.statistic(reduce).to(w.device), c.density)
+                index = topk_mask(collector.statistic(reduce).to(w.device), c.density)
             elif c.mask_criterion == "weight_magnitude":
-                index = mask_from_statistic(w.detach().abs().float(), c.density)
+                index = topk_mask(w.detach().abs().float(), c.density)
             else:
-                index = random_index(shape, c.density, layer_generator(c.seed, layer_name)).to(w.device)
+                index = random_mask(shape, c.density, layer_generator(c.seed, layer_name)).to(w.device)
             layer.grad_collectors.pop(name, None)
             layer.set_mask(name, index)
             reset.append(layer.rosa_values[name])

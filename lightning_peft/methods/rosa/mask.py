@@ -19,10 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_peft.kernels import SparseIndex
-from lightning_peft.sparse_delta import _nnz_for, topk_mask
-
-__all__ = ["GradientCollector", "layer_generator", "mask_from_statistic", "random_index"]
+__all__ = ["GradientCollector", "layer_generator"]
 
 
 class GradientCollector:
@@ -87,19 +84,7 @@ class GradientCollector:
         return mean.abs() if self.criterion == "mean" else mean
 
 
-def mask_from_statistic(statistic: torch.Tensor, density: float) -> SparseIndex:
-    """Top ``round(density * numel)`` of a ``(out, in)`` statistic (ties: lower flat index first)."""
-    return topk_mask(statistic, density)
-
-
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and the layer's name (same on every rank and on resume)."""
     digest = sum((i + 1) * ord(c) for i, c in enumerate(layer_name)) % (2**31)
     return torch.Generator().manual_seed((seed * 1_000_003 + digest) % (2**63 - 1))
-
-
-def random_index(shape: tuple[int, int], density: float, generator: torch.Generator) -> SparseIndex:
-    """Uniform random mask with exactly ``round(density * numel)`` entries (seeded)."""
-    numel = shape[0] * shape[1]
-    flat = torch.randperm(numel, generator=generator)[: _nnz_for(density, numel)]  # (k,) int64
-    return SparseIndex.from_flat(flat, shape)
