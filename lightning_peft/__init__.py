@@ -5,6 +5,9 @@ Attach an adapter callback to a ``Trainer`` and any LightningModule is adapted::
     trainer = L.Trainer(callbacks=[lightning_peft.LoRA(r=8)])
     trainer.fit(my_module)
     lightning_peft.save_adapter(my_module, "adapter/")   # peft's folder format
+
+Importing it registers the strategies ``adapter_ddp``, ``adapter_ddp_spawn``, ``adapter_ddp_fork``
+and ``adapter_fsdp``: ``L.Trainer(strategy="adapter_ddp", devices=4, callbacks=[...])``.
 """
 
 from lightning_peft import methods, transfer  # noqa: F401  (registers the methods; lp.transfer: Trans-LoRA)
@@ -23,7 +26,7 @@ from lightning_peft.methods.lora import LoRA, LoRAConfig
 from lightning_peft.methods.rosa import RoSA, RoSAConfig, RosaConfig
 from lightning_peft.methods.shira import SHiRA, SHiRAConfig
 from lightning_peft.methods.trans_peft import TransPEFT, TransPEFTConfig
-from lightning_peft.plugins import AdapterCheckpointIO
+from lightning_peft.plugins import AdapterCheckpointIO, AdapterDDPStrategy, AdapterFSDPStrategy
 from lightning_peft.registry import available_methods, create_method, get_method, register_method
 from lightning_peft.targeting import NoTargetModulesError, find_target_modules
 
@@ -34,6 +37,8 @@ __all__ = [
     "AdapterCallback",
     "AdapterCheckpointIO",
     "AdapterConfig",
+    "AdapterDDPStrategy",
+    "AdapterFSDPStrategy",
     "AdapterFormatError",
     "BaseModelMismatchWarning",
     "DriftAnalysis",

@@ -9,20 +9,28 @@ Where injection happens (Lightning 2.x ``Trainer._run`` order, integration.md):
 * model built in ``configure_model``: the callback replaces ``pl_module.configure_model`` by
   a wrapper that calls the user's hook and then injects. The wrapper deliberately does **not**
   use ``functools.wraps``: Lightning's ``is_overridden`` follows ``__wrapped__`` to the
-  original function and would then skip the hook.
+  original function and would then skip the hook. It is a ``functools.partial`` of a
+  module-level function (``is_overridden`` reads ``partial.func``), not a closure, so the module
+  still pickles for the spawn launchers (``adapter_ddp_spawn``, ``trainer.test`` after ``fit``).
 
 Both are before checkpoint weights are restored and before optimizers and DDP/FSDP wrapping,
 so resumed runs find the adapter tensors, ``configure_optimizers`` sees only adapter
 parameters, and Lightning's model summary counts them as the trainable parameters.
 Injection is idempotent (``configure_model`` runs again on every fit/validate/test), and
 several callbacks stack: each injects its own named adapter.
+
+``setup`` also refuses, before any step, the stock strategies that would lose or mis-wrap the
+adapters (:func:`check_strategy`) and names the plugin to use instead; under stock DDP the first
+optimizer step checks for adapter tensors that got no gradient (:func:`check_unused_under_ddp`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -72,10 +80,17 @@ class AdapterCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_strategy(trainer, self.method_name)
         if is_overridden("configure_model", pl_module):
             _inject_after_configure_model(pl_module, self)
         else:
             self.inject(pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not getattr(self, "_checked_unused", False):
+            self._checked_unused = True
+            check_unused_under_ddp(trainer, pl_module, self.method_name)
 
     def inject(self, module: nn.Module) -> nn.Module:
         """Inject this callback's adapter into ``module`` in place (no-op if already there).
@@ -177,14 +192,97 @@ def _inject_after_configure_model(pl_module: L.LightningModule, callback: Adapte
     injectors: list[AdapterCallback] = pl_module.__dict__.setdefault(_INJECTORS, [])
     if callback not in injectors:
         injectors.append(callback)
-    if getattr(pl_module.configure_model, "_lightning_peft_injects", False):
+    hook = pl_module.configure_model
+    if isinstance(hook, functools.partial) and hook.func is _configure_then_inject:
         return  # wrapped once already; the wrapper runs every registered injector
-    user_hook = pl_module.configure_model
+    # the class's own hook is looked up again at call time (a bound method would pickle as
+    # `getattr(module, "configure_model")`, i.e. as this wrapper); any other callable is kept
+    user_hook = None if getattr(hook, "__func__", None) is type(pl_module).configure_model else hook
+    pl_module.configure_model = functools.partial(_configure_then_inject, pl_module, user_hook)  # type: ignore[method-assign]
 
-    def configure_model() -> None:  # not functools.wraps: see the module docstring
+
+def _configure_then_inject(pl_module: L.LightningModule, user_hook: Callable[[], None] | None) -> None:
+    """The ``configure_model`` wrapper: the user's hook, then every registered injector (picklable)."""
+    if user_hook is None:
+        type(pl_module).configure_model(pl_module)
+    else:
         user_hook()
-        for injector in injectors:
-            injector.inject(pl_module)
+    for injector in pl_module.__dict__.get(_INJECTORS, []):
+        injector.inject(pl_module)
 
-    configure_model._lightning_peft_injects = True  # type: ignore[attr-defined]
-    pl_module.configure_model = configure_model  # type: ignore[method-assign]
+
+class AdapterStrategyError(RuntimeError):
+    """A stock Lightning strategy that would lose or mis-wrap the adapters; the message names the plugin."""
+
+
+def check_strategy(trainer: L.Trainer, method: str = "adapter") -> None:
+    """Fail before the first step where a stock strategy would lose or mis-wrap the adapters.
+
+    * ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` (Lightning's ``_MultiProcessingLauncher``):
+      fit runs in worker processes, which inject the adapters; Lightning then loads rank 0's
+      weights into the launching process's module with ``strict=False``, where no adapter
+      exists, so every trained adapter tensor is silently dropped. Use ``adapter_ddp_spawn``
+      (``adapter_ddp_fork`` in notebooks), which injects there first and loads strictly.
+    * ``fsdp``: one FSDP unit (or the user's policy) mixes frozen and trainable tensors, so the
+      frozen base gets gradient memory, and ``*-true`` precision casts the adapters down. Use
+      ``adapter_fsdp`` (adapter leaves in their own units, fp32 adapters, adapter-only checkpoints).
+
+    Plain ``ddp`` (popen) works with every method here: no trainable adapter tensor is unused in
+    a step (RoSA's inactive ``S`` and Trans-PEFT's dropped FFNs add exact zero terms). Adapters
+    that a user's ``training_step`` never reaches cannot be seen before the first backward; they
+    need ``adapter_ddp`` (``static_graph``) or ``ddp_find_unused_parameters_true``.
+
+    Raises:
+        AdapterStrategyError: one of the cases above; the message names the plugin to use.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    strategy = trainer.strategy
+    if getattr(strategy, "adapter_aware", False):
+        return
+    name = type(strategy).__name__
+    if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
+        start = getattr(strategy, "_start_method", "spawn")
+        plugin = "adapter_ddp_fork" if start in ("fork", "forkserver") else "adapter_ddp_spawn"
+        raise AdapterStrategyError(
+            f"{method}: {name}(start_method={start!r}) trains in worker processes and loads their weights back "
+            "into this process's module with strict=False, where the adapter (injected only in the workers) "
+            f"does not exist: every trained adapter tensor would be silently dropped. Use "
+            f"Trainer(strategy={plugin!r}) from lightning_peft, which injects the adapters here first and loads "
+            "them strictly."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise AdapterStrategyError(
+            f"{method}: Lightning's FSDPStrategy wraps frozen base weights and trainable adapters into the same "
+            "FSDP units, so the frozen weights get gradient memory and '*-true' precision casts the adapters "
+            "down. Use Trainer(strategy='adapter_fsdp') (or lightning_peft.AdapterFSDPStrategy(...) with your "
+            "FSDP arguments): adapter leaves get their own units, adapters stay fp32, checkpoints are adapter-only."
+        )
+
+
+def check_unused_under_ddp(trainer: L.Trainer, pl_module: L.LightningModule, method: str = "adapter") -> None:
+    """Under stock DDP (no ``find_unused_parameters``, no ``static_graph``), fail at the first optimizer step
+    if a trainable tensor got no gradient.
+
+    Such a tensor (an adapter on a module ``training_step`` never calls) makes DDP fail at the next
+    step with "Expected to have finished reduction in the prior iteration"; here the message names
+    the tensors and the plugin instead. Called after the first backward, before the optimizer step.
+
+    Raises:
+        AdapterStrategyError: trainable tensors without a gradient under stock DDP.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = trainer.strategy.model
+    if (getattr(trainer.strategy, "adapter_aware", False) or not isinstance(model, DistributedDataParallel)
+            or model.find_unused_parameters or model.static_graph):
+        return
+    unused = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        raise AdapterStrategyError(
+            f"{method}: {len(unused)} trainable tensors got no gradient in the first step ({', '.join(unused[:3])}"
+            f"{' ...' if len(unused) > 3 else ''}): training_step did not reach their modules, and stock DDP with "
+            "find_unused_parameters=False fails on them in the next step. Use Trainer(strategy='adapter_ddp') "
+            "(static_graph), or leave those modules out with exclude_modules=[...]."
+        )

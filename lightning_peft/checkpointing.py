@@ -11,6 +11,10 @@ Lightning loads checkpoint weights after ``Callback.setup`` and ``configure_mode
 ``shared/reference/integration.md``), i.e. after injection, so the hooks are in place when
 it does. To get the full weights, call ``state_dict()`` on the wrapped model itself (e.g.
 ``pl_module.model.state_dict()``) or merge with ``peft``.
+
+Names are compared without the wrapper segments of FSDP and activation checkpointing
+(:func:`clean_name`): under ``adapter_fsdp`` the module's parameter names contain
+``_fsdp_wrapped_module.`` while the checkpoint keys (one process's names) do not.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 _HOOKED = "_lightning_peft_adapter_only_state_dict"
+# segments that FSDP and torch's activation-checkpoint wrappers insert into module paths
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` without wrapper segments: ``a._fsdp_wrapped_module.lora_A.default.weight`` -> ``a.lora_A.default.weight``."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def adapter_key_prefixes(module: nn.Module) -> tuple[str, ...]:
@@ -33,7 +46,7 @@ def adapter_key_prefixes(module: nn.Module) -> tuple[str, ...]:
     prefixes: list[str] = []
     for name, layer in module.named_modules():
         if isinstance(layer, BaseTunerLayer):
-            base = f"{name}." if name else ""
+            base = clean_name(f"{name}.") if name else ""
             prefixes += [f"{base}{child}." for child, _ in layer.named_children() if child != "base_layer"]
             # parameters/buffers stored directly on the tuner layer (e.g. ParameterDict entries)
             prefixes += [f"{base}{p}" for p, _ in layer.named_parameters(recurse=False)]
@@ -44,8 +57,13 @@ def adapter_key_prefixes(module: nn.Module) -> tuple[str, ...]:
 def kept_keys_filter(module: nn.Module):
     """Predicate on state-dict keys (relative to ``module``): adapter tensor or trainable parameter."""
     prefixes = adapter_key_prefixes(module)
-    trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-    return lambda key: key in trainable or key.startswith(prefixes)
+    trainable = {clean_name(n) for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+    def keep(key: str) -> bool:
+        key = clean_name(key)
+        return key in trainable or key.startswith(prefixes)
+
+    return keep
 
 
 def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -1,4 +1,4 @@
-"""RoSA under 2-process DDP on CPU (gloo, Lightning's ``ddp_spawn``): identical masks on every rank.
+"""RoSA under 2-process DDP on CPU (gloo, ``adapter_ddp_spawn``): identical masks on every rank.
 
 Each rank sees other data (Lightning's DistributedSampler), so the rank-local statistics differ;
 the all-reduced statistic must equal the statistic of one process over the union of the
@@ -53,7 +53,7 @@ def test_ddp_ranks_build_identical_masks_from_the_union_of_their_data(tmp_path: 
     module = ShardedTinyNet()
     cb = RecordingRoSA(str(tmp_path), r=0, density=0.2, target_modules=TARGETS, mask_steps=2)
     L.Trainer(
-        max_steps=3, callbacks=[cb], accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        max_steps=3, callbacks=[cb], accelerator="cpu", devices=2, strategy="adapter_ddp_spawn", logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
         use_distributed_sampler=False,
     ).fit(module)

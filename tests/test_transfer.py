@@ -236,8 +236,8 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
     assert any(".lora_A." in n for n, p in student.named_parameters() if p.requires_grad)
 
 
-def test_transfer_cli_composes_and_runs(micro_model_dir: str, tmp_path) -> None:
-    """`lightning-peft transfer` through Hydra's own composition, unfiltered, on micro models."""
+def test_transfer_cli_multirun_composes_and_runs(micro_model_dir: str, tmp_path) -> None:
+    """`lightning-peft transfer -m kl_weight=0,0.5`: Hydra's own composition and sweep, unfiltered, micro models."""
     import json
 
     import lightning as L
@@ -252,17 +252,23 @@ def test_transfer_cli_composes_and_runs(micro_model_dir: str, tmp_path) -> None:
               enable_checkpointing=False).fit(source, get_task("arithmetic", tokenizer="llama-micro-v1", num_train=8,
                                                                 num_val=0, num_test=2, max_length=64))
     adapter = lp.save_adapter(source, tmp_path / "adapter")
-    run_dir = tmp_path / "run"
-    assert main(["transfer", f"source_adapter={adapter}", "source_model=llama-micro-v1", "target_model=llama-micro-v2",
-                 "filter=false", "num_synthetic=2", "generate_batch_size=4", "max_new_tokens=16",
-                 "label_max_new_tokens=6", "generator_context=256", "+task_kwargs.num_train=8",
+    sweep = tmp_path / "sweep"
+    assert main(["transfer", "-m", "kl_weight=0,0.5", f"source_adapter={adapter}", "source_model=llama-micro-v1",
+                 "target_model=llama-micro-v2", "filter=false", "num_synthetic=2", "generate_batch_size=4",
+                 "max_new_tokens=16", "label_max_new_tokens=6", "generator_context=256", "+task_kwargs.num_train=8",
                  "+task_kwargs.num_val=0", "+task_kwargs.num_test=2", "+task_kwargs.max_length=64",
                  "student.trainer_kwargs.max_steps=1", "student.data_kwargs.batch_size=2",
-                 "student.method_kwargs.r=2", "logger=csv", f"hydra.run.dir={run_dir}"]) == 0
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["synthetic"] == 2 and "test/exact_match" in results["metrics"]
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
-    assert len(lp.transfer.SyntheticSet.load(run_dir / "synthetic.jsonl").accepted) == 2
+                 "student.method_kwargs.r=2", "logger=csv", "+student.trainer_kwargs.log_every_n_steps=1",
+                 f"hydra.sweep.dir={sweep}"]) == 0
+    for job, kl_weight in enumerate((0.0, 0.5)):
+        run_dir = sweep / str(job)
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["synthetic"] == 2 and "test/exact_match" in results["metrics"]
+        assert results["kl_weight"] == kl_weight
+        assert (run_dir / "adapter" / "adapter_config.json").exists()
+        assert len(lp.transfer.SyntheticSet.load(run_dir / "synthetic.jsonl").accepted) == 2
+        (metrics_csv,) = run_dir.glob("**/metrics.csv")
+        assert ("train/kl" in metrics_csv.read_text().splitlines()[0]) == (kl_weight > 0)
 
 
 def test_translora_source_experiment_adds_the_discriminator_callback(tmp_path) -> None:
@@ -277,3 +283,70 @@ def test_translora_source_experiment_adds_the_discriminator_callback(tmp_path) -
     assert isinstance(callback, TransLoRADiscriminator)
     assert callback.out_dir == tmp_path / "adapter-discriminator"  # next to the run's adapter/
     assert callback.train_kwargs["max_length"] == cfg.task.max_length
+
+
+def test_token_kl_matches_a_per_position_computation() -> None:
+    from lightning_peft.transfer import token_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
+    tau = 2.0
+    terms = []
+    for b in range(2):
+        for t in range(4):  # position t predicts labels[b, t + 1]
+            if labels[b, t + 1] != -100:
+                p = torch.softmax(teacher[b, t] / tau, -1)
+                q = torch.softmax(student[b, t] / tau, -1)
+                terms.append((p * (p.log() - q.log())).sum())
+    expected = torch.stack(terms).mean() * tau**2
+    torch.testing.assert_close(token_kl(student, teacher, labels, tau), expected)
+    assert token_kl(teacher, teacher, labels) == pytest.approx(0.0, abs=1e-6)
+    assert token_kl(student, teacher, torch.full_like(labels, -100)) == 0.0
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        token_kl(student, teacher[..., :6], labels)
+
+
+def test_distillation_module_adds_the_teachers_kl_and_keeps_the_teacher_out(micro_model_dir: str, tmp_path) -> None:
+    """One step on llama-micro v1 (teacher) -> v2 (student): loss = CE + w * KL, recomputed by hand."""
+    import lightning as L
+
+    import lightning_peft as lp
+    from lightning_peft import zoo
+    from lightning_peft.tasks import get_task
+    from lightning_peft.transfer import DistillationModule, token_kl
+
+    teacher = zoo.load("llama-micro-v1")
+    module = DistillationModule(teacher, kl_weight=0.5, kl_temperature=2.0, model="llama-micro-v2", lr=1e-3)
+    assert "teacher" not in module.hparams and module.hparams.kl_weight == 0.5
+    data = get_task("arithmetic", tokenizer="llama-micro-v2", num_train=4, num_val=0, num_test=0, batch_size=4,
+                    max_length=64)
+    seen = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen["loss"], seen["batch"] = outputs["loss"].detach(), batch
+
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    L.Trainer(max_steps=1, callbacks=[lp.LoRA(r=2), Record()], logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)
+    assert not any("teacher" in k for k in module.state_dict())
+    # recompute the step's loss with the pre-step weights (LoRA B starts at zero: the base v2 model)
+    student = zoo.load("llama-micro-v2")[0].eval()
+    student.load_state_dict(before)
+    b = seen["batch"]
+    with torch.no_grad():
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        t = teacher[0](input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    expected = s.loss + 0.5 * token_kl(s.logits, t, b["labels"], 2.0)
+    torch.testing.assert_close(seen["loss"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_refuses_different_vocabularies(micro_model_dir: str) -> None:
+    from lightning_peft import zoo
+    from lightning_peft.transfer import DistillationModule
+
+    module = DistillationModule(zoo.load("llama-micro-v1"), model="gpt2-micro-v1")
+    with pytest.raises(ValueError, match="token-level KL needs one vocabulary.*kl_weight=0"):
+        module.configure_model()

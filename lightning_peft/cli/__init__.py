@@ -10,7 +10,10 @@ Commands:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import sys
+from collections.abc import Iterator
 
 USAGE = """usage: lightning-peft <command> [args]
 
@@ -24,6 +27,30 @@ commands:
   zoo list              list the local zoo models
   zoo build NAME...     build (and cache) zoo models
 """
+
+
+@contextlib.contextmanager
+def relaunchable(command: str) -> Iterator[None]:
+    """While a Hydra command runs, let Lightning's DDP launcher re-run it for ranks 1..N-1.
+
+    Lightning's subprocess launcher (``adapter_ddp``, ``ddp``) starts the other ranks as
+    ``[python, -m, __main__.__spec__.name, *sys.argv[1:]]`` (``[python, sys.argv[0], ...]`` when
+    ``__main__`` has no spec) plus ``hydra.run.dir=<this run's folder> hydra.output_subdir=null``,
+    from the original working directory. Here ``sys.argv`` is ``["<prog> train", *overrides]`` for
+    Hydra's usage line, which names no runnable file, and a console script's ``__main__`` has no
+    spec. So for the length of the command ``__main__`` gets the spec of ``lightning_peft.cli`` and
+    ``sys.argv`` becomes ``[prog, command, *overrides]``: every rank runs ``python -m
+    lightning_peft.cli <command> <overrides>`` and composes the same config into the same folder.
+    """
+    import __main__
+
+    saved_argv, saved_spec = list(sys.argv), getattr(__main__, "__spec__", None)
+    sys.argv = [saved_argv[0].removesuffix(f" {command}"), command, *saved_argv[1:]]
+    __main__.__spec__ = importlib.util.find_spec("lightning_peft.cli")
+    try:
+        yield
+    finally:
+        sys.argv, __main__.__spec__ = saved_argv, saved_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,11 @@
 The run directory (Hydra's output dir) ends up holding ``checkpoints/`` (adapter-only),
 ``adapter/`` (peft format), ``results.json`` and the logger's files (``wandb/`` offline
 by default).
+
+Several processes: ``trainer=ddp`` (or ``trainer.strategy=adapter_ddp trainer.devices=N``): rank 0
+is this process, the others re-run the same command with the same overrides and write into the
+same run directory (:func:`lightning_peft.cli.relaunchable`); rank 0 alone writes ``results.json``
+and ``adapter/``. Under multirun (``-m``) use ``trainer.strategy=adapter_ddp_spawn``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(instantiate(trans_peft))
     logger = _loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    _refuse_relaunch_in_multirun(trainer)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -85,6 +91,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()  # WandbLogger.finalize does not; needed between multirun jobs
 
 
+def _refuse_relaunch_in_multirun(trainer: L.Trainer) -> None:
+    """A launcher that re-runs the command line would re-run the whole sweep in every rank.
+
+    Raises:
+        ValueError: Hydra multirun with a subprocess launcher (``ddp``, ``adapter_ddp``) on several processes.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            and isinstance(launcher, _SubprocessScriptLauncher) and trainer.world_size > 1):
+        raise ValueError(
+            f"trainer.strategy={type(trainer.strategy).__name__} starts ranks 1..{trainer.world_size - 1} by re-running "
+            "the command line, which under multirun (-m) re-runs the whole sweep; use trainer.strategy=adapter_ddp_spawn"
+        )
+
+
 def print_results(results: dict[str, Any]) -> None:
     """Print the results table and where the run's files are."""
     from rich.console import Console
@@ -107,4 +132,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from lightning_peft.cli import relaunchable
+
+    with relaunchable("train"):
+        run(cfg)

@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module, metrics = train_student(tcfg, syn, student_cfg["method"], student_cfg["method_kwargs"],
                                         student_cfg["module_kwargs"], trainer_kwargs, student_cfg["data_kwargs"])
         results = {"source_model": tcfg.source_model, "target_model": tcfg.target_model, "task": tcfg.task,
-                   "method": student_cfg["method"], "synthetic": len(syn.accepted),
+                   "method": student_cfg["method"], "kl_weight": tcfg.kl_weight, "synthetic": len(syn.accepted),
                    "stats": syn.header.get("stats"), "metrics": metrics,
                    "adapter": str(lp.save_adapter(module, run_dir / "adapter")), "cache": tcfg.cache}
         if logger:

@@ -6,7 +6,8 @@
   callback after source training);
 * :mod:`.filtering`: rejection sampling with acceptance statistics, MMD of embeddings;
 * :mod:`.provenance`: synthetic sets cached as JSONL with what produced them;
-* :mod:`.pipeline`: :func:`synthesize` then :func:`train_student` on the target model.
+* :mod:`.pipeline`: :func:`synthesize` then :func:`train_student` on the target model;
+* :mod:`.distill`: the optional token-level KL to the teacher (shared vocabulary only).
 """
 
 from lightning_peft.tasks.examples import ExamplesDataModule
@@ -15,6 +16,7 @@ from lightning_peft.transfer.discriminator import (
     discriminator_accuracy,
     train_discriminator,
 )
+from lightning_peft.transfer.distill import DistillationModule, token_kl
 from lightning_peft.transfer.filtering import FilterResult, mmd_rbf, rejection_sample
 from lightning_peft.transfer.models import (
     DISCRIMINATOR_TEMPLATE,
@@ -42,6 +44,7 @@ __all__ = [
     "DISCRIMINATOR_TEMPLATE",
     "FORMAT_VERSION",
     "Deduplicator",
+    "DistillationModule",
     "ExamplesDataModule",
     "FilterResult",
     "ProvenanceMismatchError",
@@ -61,6 +64,7 @@ __all__ = [
     "sample_candidates",
     "seed_list_prompt",
     "synthesize",
+    "token_kl",
     "train_discriminator",
     "train_student",
 ]

@@ -65,6 +65,9 @@ class TransferConfig:
         generator_context: Token budget of the generator's prompt + completion (default: its
             ``max_position_embeddings``). Raise it only for RoPE models, which run past it.
         cache: JSONL path of the synthetic set (default: none, nothing cached).
+        kl_weight: Weight of the token-level KL to the teacher in the student's loss (0: off,
+            sequence-level distillation only). Needs source and target to share a vocabulary.
+        kl_temperature: Softening of that KL.
     """
 
     source_model: str
@@ -85,6 +88,8 @@ class TransferConfig:
     seed: int = 0
     generator_context: int | None = None
     cache: str | None = None
+    kl_weight: float = 0.0
+    kl_temperature: float = 1.0
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -214,6 +219,9 @@ def train_student(
 ) -> tuple[L.LightningModule, dict[str, float]]:
     """Train a fresh adapter on ``cfg.target_model`` with the synthetic pairs; test on real data.
 
+    The loss is the LM loss on the teacher's completions, plus the teacher's token-level KL when
+    ``cfg.kl_weight > 0`` (:class:`~lightning_peft.transfer.distill.DistillationModule`).
+
     Returns:
         The trained module and the test metrics (``test/exact_match``, ``test/loss``, ...).
 
@@ -231,7 +239,13 @@ def train_student(
     data = ExamplesDataModule(cfg.target_model, train, test=test, **{"max_length": task.max_length,
                                                                        **(data_kwargs or {})})
     data.extract_answer = task.extract_answer  # type: ignore[method-assign]  (the task's own scoring)
-    module = CausalLMModule(model=cfg.target_model, **(module_kwargs or {}))
+    if cfg.kl_weight > 0:  # token-level KL on top (same vocabulary only; checked in configure_model)
+        from lightning_peft.transfer.distill import DistillationModule
+
+        module: CausalLMModule = DistillationModule(_load(cfg.source_model, cfg.source_adapter), cfg.kl_weight,
+                                                    cfg.kl_temperature, model=cfg.target_model, **(module_kwargs or {}))
+    else:
+        module = CausalLMModule(model=cfg.target_model, **(module_kwargs or {}))
     kw: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False}
     kw.update(trainer_kwargs or {})
     trainer = L.Trainer(callbacks=[create_method(method, **(method_kwargs or {}))], **kw)

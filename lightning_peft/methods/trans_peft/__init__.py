@@ -130,6 +130,19 @@ class TransPEFT(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.detach()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.multiprocessing (adapter_ddp_spawn) pickles tensors as shared memory that lives only as
+        # long as the tensor; a Generator's state is a temporary tensor, so a spawned worker fails to read
+        # it ("unable to resize file"). Plain bytes travel.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "generator": generator})
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
