@@ -88,3 +88,30 @@ def test_hparams_search_grid_expands_to_one_job_per_point(name: str) -> None:
         for point in points:
             job = compose("train", overrides=[f"hparams_search={name}", *(f"{k}={v}" for k, v in zip(params, point))])
             assert isinstance(instantiate(job.method), lp.AdapterCallback)
+
+
+def test_optimized_metric_is_what_the_run_returns_to_an_optimising_sweeper() -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_peft.cli.train import objective
+
+    results = {"metrics": {"test/loss": 1.25, "val/loss": 2.0}}
+    assert objective(OmegaConf.create({"optimized_metric": None}), results) is None
+    assert objective(OmegaConf.create({"optimized_metric": "test/loss"}), results) == 1.25
+    with pytest.raises(KeyError, match=r"'test/acc' is not among .*'test/loss', 'val/loss'"):
+        objective(OmegaConf.create({"optimized_metric": "test/acc"}), results)
+
+
+def test_optuna_sweeper_optimises_the_returned_metric(micro_model_dir: str, tmp_path: Path) -> None:
+    """Only where the `optuna` extra is installed (not in CI): a 2-trial Optuna sweep finishes with a best value."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", "train", "-m",
+         "experiment=smoke", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "optimized_metric=test/loss",
+         "method.r=choice(2,4)", "logger=none", f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    runs = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(2)]
+    assert best["best_value"] == pytest.approx(min(r["metrics"]["test/loss"] for r in runs))

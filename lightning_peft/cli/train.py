@@ -130,9 +130,24 @@ def print_results(results: dict[str, Any]) -> None:
         console.print(f"adapter (peft format): {results['adapter']}")
 
 
+def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    """The value of ``cfg.optimized_metric`` in ``results`` (what an optimising sweeper such as Optuna minimises).
+
+    Raises:
+        KeyError: the run did not produce that metric (the message lists the ones it did).
+    """
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in results["metrics"]:
+        raise KeyError(f"optimized_metric={name!r} is not among this run's metrics {sorted(results['metrics'])}; "
+                       "pick one of them (test/* needs test_after_fit=true and a test split)")
+    return float(results["metrics"][name])
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from lightning_peft.cli import relaunchable
 
     with relaunchable("train"):
-        run(cfg)
+        return objective(cfg, run(cfg))
