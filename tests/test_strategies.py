@@ -89,7 +89,7 @@ def test_stock_fsdp_fails_in_setup_and_plain_ddp_is_accepted() -> None:
 
 
 def test_adapter_ddp_refuses_hydra_multirun_before_launching(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategies_module, "_hydra_multirun", lambda: True)
+    monkeypatch.setattr(strategies_module, "in_hydra_multirun", lambda: True)
     with pytest.raises(AdapterStrategyError, match="adapter_ddp_spawn for multirun"):
         L.Trainer(strategy="adapter_ddp", accelerator="cpu", devices=2, logger=False)
     L.Trainer(strategy="adapter_ddp_spawn", accelerator="cpu", devices=2, logger=False)  # fine

@@ -97,13 +97,12 @@ def _refuse_relaunch_in_multirun(trainer: L.Trainer) -> None:
     Raises:
         ValueError: Hydra multirun with a subprocess launcher (``ddp``, ``adapter_ddp``) on several processes.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
+    from lightning_peft.plugins.strategies import in_hydra_multirun
+
     launcher = getattr(trainer.strategy, "launcher", None)
-    if (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            and isinstance(launcher, _SubprocessScriptLauncher) and trainer.world_size > 1):
+    if in_hydra_multirun() and isinstance(launcher, _SubprocessScriptLauncher) and trainer.world_size > 1:
         raise ValueError(
             f"trainer.strategy={type(trainer.strategy).__name__} starts ranks 1..{trainer.world_size - 1} by re-running "
             "the command line, which under multirun (-m) re-runs the whole sweep; use trainer.strategy=adapter_ddp_spawn"

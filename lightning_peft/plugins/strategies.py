@@ -75,6 +75,7 @@ __all__ = [
     "AdapterDDPStrategy",
     "adapter_buffer_names",
     "adapter_callbacks",
+    "in_hydra_multirun",
     "inject_configured_adapters",
     "keep_adapters_fp32",
     "register_strategies",
@@ -143,7 +144,8 @@ def adapter_buffer_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_buffers() if keep(name)]
 
 
-def _hydra_multirun() -> bool:
+def in_hydra_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -196,7 +198,7 @@ class AdapterDDPStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         if self._start_method == "popen":
-            if _hydra_multirun():
+            if in_hydra_multirun():
                 raise AdapterStrategyError(
                     "adapter_ddp re-runs the command line for ranks 1..N-1, and inside a Hydra multirun (-m) each of "
                     "them would run the whole sweep again. Use trainer.strategy=adapter_ddp_spawn for multirun."
