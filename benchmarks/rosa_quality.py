@@ -86,10 +86,13 @@ def main() -> None:
     methods = budgets(layer_shapes(args.model))
     OUT.mkdir(exist_ok=True)
     raw_path = OUT / f"rosa_quality_{args.task}_raw.json"
+    from lightning_peft import zoo
+
+    build = zoo.build(args.model).name if zoo.is_zoo_name(args.model) else args.model
     raw: dict[str, list[dict]] = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     for seed in args.seeds:  # seed-major: an interrupted sweep still has every method for the first seeds
         for name, overrides in methods.items():
-            key = f"{name}|{seed}|{args.steps}"
+            key = f"{name}|{seed}|{args.steps}|{build}"  # a rebuilt zoo model never reuses older runs
             if any(r.get("key") == key for r in raw.get(name, [])):
                 continue  # resumable: finished runs are kept in the raw file
             with tempfile.TemporaryDirectory() as tmp:
@@ -98,21 +101,21 @@ def main() -> None:
                                              **{m: res["metrics"].get(m) for m in METRICS}})
             raw_path.write_text(json.dumps(raw, indent=1))
             print(name, seed, {m: raw[name][-1][m] for m in METRICS}, flush=True)
-    write_report(raw, methods, args)
+    write_report(raw, methods, args, build)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_report(raw: dict[str, list[dict]], methods: dict[str, dict], args: argparse.Namespace) -> None:
+def write_report(raw: dict[str, list[dict]], methods: dict[str, dict], args: argparse.Namespace, build: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [
-        f"RoSA vs LoRA vs sparse-only on `{args.task}`, `{args.model}`, {args.steps} steps, seeds {args.seeds} "
+        f"RoSA vs LoRA vs sparse-only on `{args.task}`, `{args.model}` (`{build}`), {args.steps} steps, seeds {args.seeds} "
         "(mean ± std over seeds; same data order, optimizer and lr schedule for every method). "
         f"RoSA schedule: warmup_steps={max(1, args.steps // 10)}, mask_steps=2, mask_criterion=fisher; "
         "sparse-only builds its mask from the first 2 steps. Module lr 3e-3 (AdamW, 20 warm-up steps, "
@@ -126,7 +129,7 @@ def write_report(raw: dict[str, list[dict]], methods: dict[str, dict], args: arg
     for mi, metric in enumerate(METRICS):
         axes[mi].set_title(metric)
     for ni, (name, runs) in enumerate(raw.items()):
-        runs = [r for r in runs if r["key"].endswith(f"|{args.steps}") and r["seed"] in args.seeds]
+        runs = [r for r in runs if r["key"].endswith(f"|{args.steps}|{build}") and r["seed"] in args.seeds]
         if not runs:
             continue
         cells = []

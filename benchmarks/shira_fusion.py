@@ -168,11 +168,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--runs", type=Path, default=Path(__file__).parents[1] / "outputs" / "shira_fusion_runs",
-                    help="where adapters are trained (git-ignored outputs/; reused when present)")
+                    help="where adapters are trained (git-ignored outputs/; reused when present for the same zoo build)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # see benchmarks/switching.py: shared CPUs make OpenMP threads spin
     OUT.mkdir(exist_ok=True)
-    folders = train_all(args.seeds, args.steps, args.runs)
+    # one folder per zoo build: adapters trained on an older build of the base are never reused
+    build = lp.zoo.build(_cfg([]).model.name_or_path).name
+    folders = train_all(args.seeds, args.steps, args.runs / build)
     records = evaluate(folders, args.seeds)
     table, summary = summarize(records, args.seeds)
     trainable = {m: json.loads((folders[m][TASKS[0]][args.seeds[0]].parent / "results.json").read_text())["trainable_params"]

@@ -161,13 +161,16 @@ def describe_base_difference(saved: dict[str, Any], current: dict[str, Any]) -> 
 
 
 # --------------------------------------------------------------------------- save
-def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:
+def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None, *,
+                 metadata: dict[str, Any] | None = None) -> Path:
     """Write one adapter of ``module`` as a peft adapter folder, atomically.
 
     Args:
         module: A LightningModule or model holding an injected adapter.
         path: Target folder; replaced only once the new folder is complete.
         adapter_name: Which adapter; optional when the module holds one.
+        metadata: JSON-serialisable facts stored with the weights (in the safetensors header,
+            read back by :func:`read_adapter`), e.g. the training set size.
 
     Returns:
         The folder path.
@@ -190,7 +193,7 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
     )
     config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
     config.inference_mode = True
-    meta = {"adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
+    meta = {**(metadata or {}), "adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
     with atomic_directory(path, replaceable={CONFIG_FILE, WEIGHTS_FILE, "README.md"}) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})

@@ -142,7 +142,7 @@ def test_discriminator_learns_a_separable_toy_case(micro_model_dir: str, tmp_pat
     real, held_real = prompts[:40], prompts[40:60]
     fake, held_fake = _gibberish(40, 0), _gibberish(20, 1)
     module, folder = train_discriminator(micro_model_dir, real, fake, "arithmetic", tmp_path / "disc",
-                                         max_steps=40, batch_size=8, lr=3e-3, max_length=64,
+                                         max_steps=80, batch_size=8, lr=1e-2, max_length=160,
                                          trainer_kwargs={"enable_progress_bar": False})
     assert discriminator_accuracy(module, held_real, held_fake, "arithmetic") >= 0.9
     # the saved folder is a plain adapter: reloaded onto a fresh base it scores the same
@@ -152,6 +152,61 @@ def test_discriminator_learns_a_separable_toy_case(micro_model_dir: str, tmp_pat
     untrained = discriminator_accuracy(fresh, held_real, held_fake, "arithmetic")
     load_adapter(fresh, folder)
     assert discriminator_accuracy(fresh, held_real, held_fake, "arithmetic") >= 0.9 > untrained
+
+
+def test_adapters_disabled_runs_the_base_and_restores_the_adapter(micro_model_dir: str) -> None:
+    """Inside the context the adapted model's logits equal the bare base's; after it, the adapter's."""
+    import lightning_peft as lp
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.transfer import adapters_disabled
+
+    bare = CausalLMModule(model=micro_model_dir)
+    bare.configure_model()
+    module = CausalLMModule(model=micro_model_dir)
+    module.configure_model()
+    lp.LoRA(r=2).inject(module)
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)  # a non-zero delta
+    ids = torch.tensor([[1, 5, 9, 13]])
+    logits = lambda m: m(input_ids=ids).logits  # noqa: E731
+    adapted = logits(module.model)
+    with adapters_disabled(module.model):
+        assert torch.allclose(logits(module.model), logits(bare.model), atol=1e-6)
+    assert torch.equal(logits(module.model), adapted) and not torch.allclose(adapted, logits(bare.model))
+    assert all(p.requires_grad for n, p in module.model.named_parameters() if "lora_" in n)
+
+
+def test_discriminator_callback_synthesises_with_the_source_base(micro_model_dir: str, tmp_path, monkeypatch) -> None:
+    """The "no" inputs come from the source base (adapters off while sampling), the "yes" from the data."""
+    import lightning as L
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import lightning_peft as lp
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.tasks import get_task
+    from lightning_peft.transfer import discriminator as disc_mod
+    from lightning_peft.transfer import models
+
+    seen: dict = {}
+
+    def fake_stream(model, tok, seeds, task, **kw):
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for i in range(3):  # checked while the stream is consumed, not when it is created
+            seen.setdefault("off", []).append(bool(layers) and all(m.disable_adapters for m in layers))
+            yield [f"made-up input number {i} {j}" for j in range(4)]
+
+    monkeypatch.setattr(models, "sample_candidates", fake_stream)
+    monkeypatch.setattr(disc_mod, "train_discriminator",
+                        lambda source, real, fake, task, out, **kw: seen.update(real=real, fake=fake) or (None, out))
+    cb = disc_mod.TransLoRADiscriminator(tmp_path / "d", num_real=6, num_seeds=2)
+    module = CausalLMModule(model=micro_model_dir, lr=1e-3)
+    L.Trainer(max_steps=1, callbacks=[lp.LoRA(r=2), cb], logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        module, get_task("arithmetic", tokenizer=micro_model_dir, num_train=8, num_val=0, num_test=1, max_length=64))
+    assert seen["off"] and all(seen["off"]) and len(seen["fake"]) == 6 and len(seen["real"]) == 6
+    assert not any(m.disable_adapters for m in module.model.modules() if isinstance(m, BaseTunerLayer))
 
 
 def test_generator_stream_is_seeded_parsed_and_deduplicated(micro_model_dir: str) -> None:
@@ -197,20 +252,26 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
         source, get_task("arithmetic", tokenizer="llama-micro-v1", batch_size=4, **task_kw))
     adapter = lp.save_adapter(source, tmp_path / "source_adapter")
     assert disc.path == tmp_path / "source_adapter-discriminator" and (disc.path / "adapter_config.json").exists()
+    # the synthetic set's default size is the source training set's, recorded with the discriminator
+    bare = {"source_model": "llama-micro-v1", "source_adapter": str(adapter), "target_model": "llama-micro-v2",
+            "task": "arithmetic"}
+    assert transfer.pipeline.resolve_num_synthetic(transfer.TransferConfig(**bare)) == 24
+    with pytest.raises(ValueError, match="num_synthetic is not set and .* records no training set size"):
+        transfer.pipeline.resolve_num_synthetic(transfer.TransferConfig(**bare, discriminator=str(adapter)))
 
     common = {"source_model": "llama-micro-v1", "source_adapter": str(adapter), "target_model": "llama-micro-v2",
               "task": "arithmetic", "num_synthetic": 3, "generate_batch_size": 8, "max_new_tokens": 24,
               "label_max_new_tokens": 12, "task_kwargs": task_kw,
               "generator_context": 256}  # micro models: 64-token context, RoPE runs past it
-    # filtered: a 4-step discriminator trained on real vs gibberish refuses the micro models' babble
-    strict = transfer.TransferConfig(**common, max_proposed=16, cache=str(tmp_path / "filtered.jsonl"))
-    with pytest.raises(RuntimeError, match=r"kept only \d of the 3 .*acceptance .* over 16 proposals"):
+    # filtered, with a budget of 2 proposals for 3 examples: it must give up, say why, and keep what it scored
+    strict = transfer.TransferConfig(**common, max_proposed=2, cache=str(tmp_path / "filtered.jsonl"))
+    with pytest.raises(RuntimeError, match=r"kept only \d of the 3 .*acceptance .* over 2 proposals"):
         transfer.synthesize(strict)
     found = transfer.SyntheticSet.load(strict.cache)  # saved before failing: a rerun continues
-    assert len(found.records) == 16 and found.header["filter"] is True
-    assert all((r["score"] > 0) == r["accepted"] for r in found.records)
+    assert len(found.records) == 2 and found.header["filter"] is True
+    assert all((r["score"] > 0) == r["accepted"] for r in found.records)  # the discriminator's own verdicts
     stats = found.header["stats"]
-    assert stats["proposed"] == 16 and stats["acceptance_rate"] == len(found.accepted) / 16
+    assert stats["proposed"] == 2 and stats["acceptance_rate"] == len(found.accepted) / 2
     computable = len(found.header["seeds"]) >= 2 and len(found.records) - len(found.accepted) >= 2
     assert isinstance(stats["mmd_rejected_vs_seeds"], float) if computable else stats["mmd_rejected_vs_seeds"] is None
 

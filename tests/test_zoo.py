@@ -198,3 +198,47 @@ def test_concurrent_builders_build_once(fresh_cache: Path, monkeypatch: pytest.M
     after = _weights(out[0])
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in fresh_cache.iterdir() if not p.name.endswith(".lock")) == [out[0].name]
+
+
+def test_corpus_example_lists_are_numbered_inputs_in_the_generator_prompt_format() -> None:
+    """`Here are N examples of {kind} inputs:` then exactly N numbered inputs (no answers), like
+    the Trans-LoRA seed-list prompt, so the zoo models learn to continue it."""
+    import re
+
+    from lightning_peft.transfer import parse_generation, seed_list_prompt
+    from lightning_peft.zoo.corpus import _LIST_ACTS, _LIST_HEADERS, corpus
+
+    docs = corpus("v1", seed=0, n_docs=600)
+    lists = [d for d in docs if d.startswith("Here are ")]
+    assert 0.08 < len(lists) / len(docs) < 0.25
+    kinds = set()
+    for doc in lists:
+        header, body = doc.split("\n", 1)
+        n, kind = re.fullmatch(r"Here are (\d+) examples of (\w+) inputs:", header).groups()
+        kinds.add(kind)
+        starts = re.findall(r"(?m)^(\d+)\. ", body)
+        assert starts == [str(i) for i in range(1, int(n) + 1)], doc
+        # the generator's parser takes item k+1 back out of the list
+        item2 = body.split("\n2. ", 1)[1].split("\n3. ", 1)[0]
+        assert parse_generation(body.split("\n2.", 1)[1], min_chars=1) == item2.strip()
+        assert "Answer:" not in body and " = " not in body.replace(" =\n", "\n")  # inputs only
+    assert {"arithmetic", "data2text", "fact", "sql"} <= kinds <= set(_LIST_HEADERS)
+    # record lists use the corpus's own act names, never the task's other acts
+    acts = {m.group(1) for d in lists for m in re.finditer(r"(?m)^\d+\. (\w+)\(", d)}
+    assert acts == set(_LIST_ACTS)
+    assert any("Tables: " in d for d in lists)
+    assert seed_list_prompt(["a b c"] * 3, "sql").startswith("Here are 6 examples of sql inputs:\n1. a b c")
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen2", "gpt2"])
+def test_tiny_tokenizers_know_yes_and_no_as_words(style: str) -> None:
+    """The corpus's yes/no fact checks make " yes"/" no" single tokens of every tiny tokenizer,
+    so the Trans-LoRA discriminator's two answers are one next-token choice, as in real LMs."""
+    from lightning_peft.zoo.corpus import corpus
+    from lightning_peft.zoo.tokenizer import train_tokenizer
+
+    docs = corpus("v1", seed=0, n_docs=3000)
+    checks = [d for d in docs if d.endswith((" yes", " no")) and "?" in d]
+    assert 0.02 < len(checks) / len(docs) < 0.12
+    tok = train_tokenizer(style, docs, 1024)
+    assert [len(tok(w, add_special_tokens=False)["input_ids"]) for w in (" yes", " no")] == [1, 1]

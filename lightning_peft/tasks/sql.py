@@ -26,11 +26,7 @@ from dataclasses import astuple, dataclass
 from lightning_peft.tasks.base import normalize_whitespace
 from lightning_peft.tasks.data import Example
 from lightning_peft.tasks.synthetic import SyntheticTask
-from lightning_peft.zoo.world import World
-
-GAMES_COLUMNS = ("name", "genre", "developer", "year", "rating", "platform")
-EMPLOYEES_COLUMNS = ("name", "department", "salary", "city")
-SCHEMA = f"games({', '.join(GAMES_COLUMNS)}); employees({', '.join(EMPLOYEES_COLUMNS)})"
+from lightning_peft.zoo.world import EMPLOYEES_COLUMNS, GAMES_COLUMNS, SCHEMA, World
 
 
 @dataclass(frozen=True)

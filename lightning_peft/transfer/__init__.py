@@ -20,6 +20,7 @@ from lightning_peft.transfer.distill import DistillationModule, token_kl
 from lightning_peft.transfer.filtering import FilterResult, mmd_rbf, rejection_sample
 from lightning_peft.transfer.models import (
     DISCRIMINATOR_TEMPLATE,
+    adapters_disabled,
     completion_margins,
     discriminator_examples,
     greedy_completions,
@@ -52,6 +53,7 @@ __all__ = [
     "TransLoRADiscriminator",
     "TransferConfig",
     "adapter_fingerprint",
+    "adapters_disabled",
     "completion_margins",
     "discriminator_accuracy",
     "discriminator_examples",

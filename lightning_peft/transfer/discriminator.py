@@ -41,6 +41,7 @@ def train_discriminator(
     max_length: int = 128,
     seed: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[CausalLMModule, Path]:
     """Train a yes/no LoRA on the source model and save it to ``out_dir`` (peft folder format).
 
@@ -53,6 +54,8 @@ def train_discriminator(
         r, lr, max_steps, batch_size, max_length: LoRA rank and training settings.
         seed: Seeds Lightning (``seed_everything``) and the data order.
         trainer_kwargs: Extra ``lightning.Trainer`` arguments.
+        metadata: Stored with the adapter (:func:`~lightning_peft.save_adapter`), e.g.
+            ``{"train_size": 500}``, the transfer's default synthetic-set size.
 
     Returns:
         The trained module (its ``.model`` holds the discriminator) and the adapter folder.
@@ -74,7 +77,7 @@ def train_discriminator(
                           "enable_model_summary": False, "max_steps": max_steps}
     kw.update(trainer_kwargs or {})
     L.Trainer(callbacks=[LoRA(r=r, alpha=2 * r, adapter_name="default")], **kw).fit(module, data)
-    return module, save_adapter(module, out_dir)
+    return module, save_adapter(module, out_dir, metadata=metadata)
 
 
 def discriminator_accuracy(module: CausalLMModule, real: Sequence[str], synthetic: Sequence[str],
@@ -93,10 +96,13 @@ class TransLoRADiscriminator(L.Callback):
 
     ``Trainer(callbacks=[LoRA(...), TransLoRADiscriminator("out/adapter-discriminator")])``:
     at the end of ``fit`` it takes ``num_real`` real inputs from the datamodule's training
-    split, lets the freshly adapted source model synthesise as many inputs from a numbered list
+    split, lets the source base synthesise as many inputs from a numbered list
     of ``num_seeds`` of them (:func:`~lightning_peft.transfer.models.sample_candidates`), and trains
-    the yes/no LoRA on the source base (:func:`train_discriminator`). The task data is needed
-    only here, while it is still available (Wang et al. 2024, section 3.1).
+    the yes/no LoRA on the source base (:func:`train_discriminator`), recording the training set's
+    size with it (the transfer's default ``num_synthetic``). The task data is needed
+    only here, while it is still available (Wang et al. 2024, section 3.1). The inputs are
+    synthesised by the source *base* (its adapters switched off by
+    :func:`~lightning_peft.transfer.models.adapters_disabled`), as the target base will later.
 
     Args:
         out_dir: Where the discriminator adapter folder is written (convention:
@@ -117,7 +123,7 @@ class TransLoRADiscriminator(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_peft.transfer.filtering import rejection_sample
-        from lightning_peft.transfer.models import sample_candidates
+        from lightning_peft.transfer.models import adapters_disabled, sample_candidates
 
         dm = trainer.datamodule
         if not isinstance(dm, PromptCompletionDataModule):
@@ -133,6 +139,8 @@ class TransLoRADiscriminator(L.Callback):
         batch = min(16, len(real))
         stream = sample_candidates(model, tok, real[: self.num_seeds], task, max_new_tokens=self.max_new_tokens,
                                    batch_size=batch, max_batches=max(4, 8 * len(real) // batch))
-        fake = rejection_sample(stream, lambda b: torch.ones(len(b)), len(real), max_proposed=20 * len(real)).kept
+        with adapters_disabled(model):  # the source base synthesises (the stream is lazy: consume it here)
+            fake = rejection_sample(stream, lambda b: torch.ones(len(b)), len(real), max_proposed=20 * len(real)).kept
         source = getattr(model, "name_or_path", None) or model.config._name_or_path
-        _, self.path = train_discriminator(source, real, fake, task, self.out_dir, **self.train_kwargs)
+        size = {"train_size": len(dm.get_examples()["train"])}  # the transfer makes as many synthetic examples
+        _, self.path = train_discriminator(source, real, fake, task, self.out_dir, metadata=size, **self.train_kwargs)

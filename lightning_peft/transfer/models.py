@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -25,6 +26,7 @@ from lightning_peft.transfer.synthesis import Deduplicator, parse_generation, se
 
 __all__ = [
     "DISCRIMINATOR_TEMPLATE",
+    "adapters_disabled",
     "completion_margins",
     "embed",
     "discriminator_examples",
@@ -34,6 +36,26 @@ __all__ = [
 
 DISCRIMINATOR_TEMPLATE = "{x}\nIs the above question from {task} dataset?"  # the paper's t(x)
 YES, NO = " yes", " no"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base: every peft tuner layer (LoRA, RoSA, SHiRA) off, then restored.
+
+    Only the layers' on/off flag changes (``requires_grad`` and weights are untouched), so it is
+    safe inside a fit. Trans-LoRA's discriminator learns real inputs against inputs synthesised
+    by the source *base* (Wang et al. 2024, section 3.1), the same kind of model that later
+    generates on the target.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m._disable_adapters = flag
 
 
 @contextmanager

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from lightning_peft.adapter_io import load_adapter
+from lightning_peft.adapter_io import load_adapter, read_adapter
 from lightning_peft.registry import create_method
 from lightning_peft.tasks import get_task
 from lightning_peft.tasks.data import Example
@@ -55,7 +55,8 @@ class TransferConfig:
         generator: Model that writes new inputs (default: ``target_model``, as in the paper).
         num_seeds: Real inputs shown to the generator (paper: 5); fewer are used when they do
             not fit the generator's context, with a warning.
-        num_synthetic: Synthetic examples to keep (paper: the size of the original training set).
+        num_synthetic: Synthetic examples to keep; default: the size of the original training set,
+            as recorded in the discriminator folder by ``TransLoRADiscriminator`` (as in the paper).
         filter: Keep only what the discriminator accepts.
         max_proposed: Give up after scoring this many proposals (default ``50 * num_synthetic``);
             sampling stops after ``4 * max_proposed / generate_batch_size`` generate calls too.
@@ -77,7 +78,7 @@ class TransferConfig:
     discriminator: str | None = None
     generator: str | None = None
     num_seeds: int = 5
-    num_synthetic: int = 250
+    num_synthetic: int | None = None
     filter: bool = True
     max_proposed: int | None = None
     temperature: float = 1.0
@@ -123,7 +124,7 @@ def _load(name: str, adapter: str | None = None) -> tuple[torch.nn.Module, Any]:
 
 
 def _header(cfg: TransferConfig, seeds: list[str]) -> dict[str, Any]:
-    disc = cfg.discriminator or f"{cfg.source_adapter.rstrip('/')}-discriminator"
+    disc = discriminator_folder(cfg)
     return {
         "task": cfg.task, "source_model": cfg.source_model, "target_model": cfg.target_model,
         "generator": cfg.generator or cfg.target_model, "teacher": cfg.source_model,
@@ -136,8 +137,31 @@ def _header(cfg: TransferConfig, seeds: list[str]) -> dict[str, Any]:
     }
 
 
+def discriminator_folder(cfg: TransferConfig) -> str:
+    """``cfg.discriminator`` or the convention ``{source_adapter}-discriminator``."""
+    return cfg.discriminator or f"{cfg.source_adapter.rstrip('/')}-discriminator"
+
+
+def resolve_num_synthetic(cfg: TransferConfig) -> int:
+    """``cfg.num_synthetic``, or the source's training set size recorded with its discriminator.
+
+    Raises:
+        ValueError: neither is known (no discriminator folder, or one saved without the size).
+    """
+    if cfg.num_synthetic is not None:
+        return cfg.num_synthetic
+    folder = discriminator_folder(cfg)
+    size = read_adapter(folder)[2].get("train_size") if Path(folder, "adapter_config.json").exists() else None
+    if not size:
+        raise ValueError(
+            f"num_synthetic is not set and {folder} records no training set size (TransLoRADiscriminator writes "
+            "it); pass num_synthetic=N, e.g. the number of examples the source adapter was trained on."
+        )
+    return int(size)
+
+
 def synthesize(cfg: TransferConfig, console: Console | None = None) -> SyntheticSet:
-    """Generate, filter and label ``cfg.num_synthetic`` examples (or reuse/continue ``cfg.cache``).
+    """Generate, filter and label ``num_synthetic`` examples (or reuse/continue ``cfg.cache``).
 
     Returns:
         The synthetic set; its accepted records carry ``input`` and the teacher's ``output``.
@@ -146,8 +170,10 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         ProvenanceMismatchError: ``cfg.cache`` exists but was made with other settings.
         RuntimeError: fewer than ``num_synthetic`` accepted within ``max_proposed`` proposals
             (what was found is saved to ``cfg.cache`` first).
+        ValueError: ``num_synthetic`` unset and not recorded with the discriminator.
     """
     console = console or Console(stderr=True)
+    wanted = resolve_num_synthetic(cfg)  # fails fast when unknown
     task = get_task(cfg.task, tokenizer=cfg.target_model, **{"num_train": max(cfg.num_seeds, 8), **cfg.task_kwargs})
     seeds_all = [e.prompt for e in task.get_examples()["train"][: cfg.num_seeds]]
     generator, gen_tok = _load(cfg.generator or cfg.target_model)
@@ -161,7 +187,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
     if cfg.cache and Path(cfg.cache).exists():
         syn = SyntheticSet.load(cfg.cache)
         syn.check_header(header)
-    missing = cfg.num_synthetic - len(syn.accepted)
+    missing = wanted - len(syn.accepted)
     if missing > 0:
         dedup = Deduplicator(seeds + [r["input"] for r in syn.records])
         max_proposed = cfg.max_proposed or 50 * missing
@@ -171,7 +197,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
                                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                    seed=cfg.seed + len(syn.records), dedup=dedup, max_batches=max_batches)
         if cfg.filter:
-            disc, disc_tok = _load(cfg.source_model, cfg.discriminator or f"{cfg.source_adapter.rstrip('/')}-discriminator")
+            disc, disc_tok = _load(cfg.source_model, discriminator_folder(cfg))
             score = lambda batch: completion_margins(disc, disc_tok, batch, cfg.task)  # noqa: E731
         else:
             score = lambda batch: torch.ones(len(batch))  # noqa: E731  (unfiltered ablation: accept all)
@@ -187,9 +213,9 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
                       f"(acceptance {result.acceptance_rate:.2f}); {len(syn.accepted)} synthetic examples")
         if cfg.cache:
             syn.save(cfg.cache)  # also when short: a rerun continues from here
-        if len(syn.accepted) < cfg.num_synthetic:
+        if len(syn.accepted) < wanted:
             raise RuntimeError(
-                f"Trans-LoRA kept only {len(syn.accepted)} of the {cfg.num_synthetic} requested synthetic examples "
+                f"Trans-LoRA kept only {len(syn.accepted)} of the {wanted} requested synthetic examples "
                 f"(acceptance {result.acceptance_rate:.3f} over {result.proposed} proposals). Raise max_proposed, lower "
                 "num_synthetic, sample more diversely (temperature), or check the discriminator; "
                 + ("rerunning continues from the cache." if cfg.cache else "set cache= to keep what was found.")

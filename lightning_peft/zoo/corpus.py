@@ -1,13 +1,22 @@
 """Pre-training corpora generated from the synthetic world.
 
-Two kinds of documents, mixed:
+Three kinds of documents, mixed:
 
 * **knowledge**: the facts of the world stated in several paraphrases ("Brairair is a racing
   game.", "Lisun developed Brairair.", "The capital of Kormos is Thelan."), which the
   models must store (mostly in their FFNs);
 * **patterns**: fixed formats that attention must follow: arithmetic (``7 + 5 = 12``),
   record -> sentence pairs (``inform(name[X], genre[Y]) -> X is a Y game.``), SQL-like
-  snippets over the ``games``/``employees`` tables, lists and counting.
+  snippets over the ``games``/``employees`` tables, lists and counting, and yes/no checks of
+  the facts (``Is Brairair a racing game? yes``), so ``" yes"``/``" no"`` are words the models
+  know (the Trans-LoRA discriminator answers with them);
+* **example lists**: ``"Here are 6 examples of sql inputs:\n1. ...\n2. ..."``, numbered
+  inputs of one pattern (the inputs only, never the answers); record lists vary their act
+  names and half the headers name an unrelated word. Real LMs have seen many such
+  list pages; these teach the zoo models the list continuation that the Trans-LoRA generator
+  prompt relies on (:func:`lightning_peft.transfer.seed_list_prompt`), so a zoo model can
+  write new task inputs in context. No task data is used: the items are the corpus's own
+  patterns.
 
 The ``v2`` corpus is the ``v1`` corpus updated: it states the facts of the ``v2`` world (a
 changed fact is stated only the new way, plus a few "update" notes), mentions the new
@@ -24,7 +33,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .world import ITEMS, Employee, Game, Version, World, make_world
+from .world import ITEMS, SCHEMA, Employee, Game, Version, World, make_world
 
 # Paraphrases of every game fact. The first template of each list is the "canonical" one
 # that evaluation prompts use (see `fact_prompts`).
@@ -158,6 +167,12 @@ def _arithmetic(rng: random.Random, w: World) -> str:
 
 def _sql(rng: random.Random, w: World) -> str:
     """A question, its SQL over ``games``/``employees`` and the answer from the world."""
+    q, sql, ans = _sql_parts(rng, w)
+    return f"Question: {q}\nSQL: {sql}\nAnswer: {', '.join(ans) if ans else 'none'}"
+
+
+def _sql_parts(rng: random.Random, w: World) -> tuple[str, str, list[str]]:
+    """``(question, sql, answer rows)`` of one random query over the world's tables."""
     kind = rng.randrange(6)
     if kind == 0:
         genre = rng.choice([g.genre for g in w.games])
@@ -186,7 +201,66 @@ def _sql(rng: random.Random, w: World) -> str:
             f"How many employees live in {city}?",
             f"SELECT COUNT(*) FROM employees WHERE city = '{city}';",
         )
-    return f"Question: {q}\nSQL: {sql}\nAnswer: {', '.join(ans) if ans else 'none'}"
+    return q, sql, ans
+
+
+def _arithmetic_input(rng: random.Random) -> str:
+    op, a, b = rng.choice("+-*"), rng.randint(0, 20), rng.randint(0, 20)
+    return f"{max(a, b)} - {min(a, b)} =" if op == "-" else f"{a % 10} * {b % 10} =" if op == "*" else f"{a} + {b} ="
+
+
+# Act names of the records in example lists, one or two per list; none is an act of the
+# data2text task except ``inform``, so its other acts stay new to the models.
+_LIST_ACTS = ("inform", "describe", "mention", "state", "announce", "present", "report", "note")
+# Header words of example lists; half the lists name a word unrelated to their items, so the
+# header alone does not tell a model what the items look like.
+_LIST_HEADERS = ("data2text", "arithmetic", "sql", "fact", "record", "query", "math", "game", "sample", "user")
+
+
+def _list_record(rng: random.Random, w: World, acts: list[str]) -> str:
+    """``act(name[X], slot[v], ...) ->`` with one of ``acts``; a fifth have no name slot."""
+    g = rng.choice(w.games)
+    f = _game_fields(g)
+    slots = rng.sample(_SLOT_ORDER, rng.randint(1, 4))
+    args = ([f"name[{g.name}]"] if rng.random() < 0.8 else []) + [f"{s}[{f[s]}]" for s in slots]
+    return f"{rng.choice(acts)}(" + ", ".join(args) + ") ->"
+
+
+def _example_list(rng: random.Random, w: World) -> str:
+    """``"Here are N examples of {word} inputs:"`` and N numbered inputs of one pattern."""
+    schema = ""
+    acts = rng.sample(_LIST_ACTS, rng.randint(1, 2))
+    inputs: dict[str, Callable[[], str]] = {
+        "data2text": lambda: _list_record(rng, w, acts),
+        "arithmetic": lambda: _arithmetic_input(rng),
+        "sql": lambda: f"{schema}Question: {_sql_parts(rng, w)[0]}\nSQL:",
+        "fact": lambda: rng.choice(fact_prompts_of(w))[0],
+    }
+    kind = rng.choice(sorted(inputs))
+    header = kind if rng.random() < 0.5 else rng.choice(_LIST_HEADERS)
+    # most SQL lists give each question with its schema (the usual text-to-SQL prompt)
+    schema = f"Tables: {SCHEMA}\n" if kind == "sql" and rng.random() < 0.7 else ""
+    n = rng.randint(3, 8) if not schema else rng.randint(3, 5)  # long items: fewer per list
+    items = "\n".join(f"{i}. {inputs[kind]()}" for i in range(1, n + 1))
+    return f"Here are {n} examples of {header} inputs:\n{items}"
+
+
+def _yes_no(rng: random.Random, w: World) -> str:
+    """Two to four fact checks answered ``yes`` (the world's value) or ``no`` (another one)."""
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        g, other = rng.sample(w.games, 2)
+        key = rng.choice(("genre", "developer", "platform"))
+        truth = rng.random() < 0.5
+        f = _game_fields(g if truth else other)
+        question = {
+            "genre": "Is {n} {a_genre} game?",
+            "developer": "Was {n} developed by {developer}?",
+            "platform": "Does {n} run on {platform}?",
+        }[key].format(**{**f, "n": g.name})
+        same = getattr(g, key) == getattr(other, key)
+        lines.append(f"{question} {'yes' if truth or same else 'no'}")
+    return "\n".join(lines)
 
 
 def _counting(rng: random.Random, w: World) -> str:
@@ -257,6 +331,8 @@ def corpus(version: Version, seed: int = 0, n_docs: int = 2000, scale: int = 1) 
         (0.12, lambda r: _arithmetic(r, w)),
         (0.15, lambda r: _sql(r, w)),
         (0.10, lambda r: _counting(r, w)),
+        (0.15, lambda r: _example_list(r, w)),
+        (0.06, lambda r: _yes_no(r, w)),
     ]
     if old is not None:
         kinds.append((0.05, lambda r: _updates(r, w, old)))
@@ -274,7 +350,11 @@ def fact_prompts(version: Version = "v1", seed: int = 0, scale: int = 1) -> list
     Returns:
         ``(prompt, answer)`` pairs, e.g. ``("The genre of Brairair is", " racing.")``.
     """
-    w = make_world(version, seed, scale)
+    return fact_prompts_of(make_world(version, seed, scale))
+
+
+def fact_prompts_of(w: World) -> list[tuple[str, str]]:
+    """:func:`fact_prompts` of a built world."""
     out = []
     for g in w.games:
         out.append((f"The genre of {g.name} is", f" {g.genre}."))

@@ -29,7 +29,7 @@ VERSIONS: tuple[str, ...] = ("v1", "v2")
 
 # Bump when the build code changes what a spec produces (corpus, tokenizer, training loop):
 # it is part of every folder hash, so old caches are rebuilt rather than silently reused.
-BUILD_FORMAT = 2
+BUILD_FORMAT = 4
 
 # Names that look like zoo names (so `resolve` must not pass them on to the Hub).
 ZOO_NAME_RE = re.compile(r"^(llama|qwen2|gpt2)(-(tiny|micro|small|mini|nano))?-v\d+$")
@@ -118,14 +118,16 @@ _ARCH: dict[tuple[str, str], dict[str, Any]] = {
     ("qwen2", "micro"): dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=576),
     ("gpt2", "micro"): dict(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=128, vocab=512),
 }
-# Training recipe of each (size, version). v2 continues v1 with a fresh warm-up/decay at a
+# Training recipe of each (size, version). Tiny blocks are 384 tokens (4 per step, the same
+# tokens per step as 12 x 128) so a Trans-LoRA seed-list prompt of 5 task inputs plus the new
+# one fits the context of every family. v2 continues v1 with a fresh warm-up/decay at a
 # lower peak: large enough to rewrite the changed facts, small enough to stay a drift.
 _RECIPE: dict[tuple[str, str], dict[str, Any]] = {
     ("tiny", "v1"): dict(
-        seq_len=128, steps=480, lr=3e-3, warmup=20, batch=12, n_docs=3000, tokenizer_docs=3000
+        seq_len=384, steps=480, lr=3e-3, warmup=20, batch=4, n_docs=3000, tokenizer_docs=3000
     ),
     ("tiny", "v2"): dict(
-        seq_len=128, steps=320, lr=1.5e-3, warmup=10, batch=12, n_docs=4000, tokenizer_docs=3000
+        seq_len=384, steps=320, lr=1.5e-3, warmup=10, batch=4, n_docs=4000, tokenizer_docs=3000
     ),
     ("micro", "v1"): dict(seq_len=64, steps=30, lr=3e-3, warmup=3, batch=8, n_docs=400, tokenizer_docs=400),
     ("micro", "v2"): dict(seq_len=64, steps=20, lr=1.5e-3, warmup=2, batch=8, n_docs=500, tokenizer_docs=400),

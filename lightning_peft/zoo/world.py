@@ -35,6 +35,12 @@ _VOWELS = ("a", "e", "i", "o", "u", "ai", "or", "el")
 _CODAS = ("", "n", "r", "s", "l", "th", "x", "m")
 
 
+# The world's two tables as the SQL task and the corpus's schema-prefixed questions show them.
+GAMES_COLUMNS = ("name", "genre", "developer", "year", "rating", "platform")
+EMPLOYEES_COLUMNS = ("name", "department", "salary", "city")
+SCHEMA = f"games({', '.join(GAMES_COLUMNS)}); employees({', '.join(EMPLOYEES_COLUMNS)})"
+
+
 @dataclass(frozen=True)
 class Game:
     """One video game of the world (the ViGGO-style and SQL tasks talk about these)."""
