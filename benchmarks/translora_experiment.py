@@ -199,14 +199,14 @@ def main() -> None:
     _plot(groups, out / "translora.png")
 
 
-def _mean(rs: list[dict], col: str) -> list[float]:
+def _values(rs: list[dict], col: str) -> list[float]:
     return [r[col] for r in rs if r.get(col) is not None and r[col] == r[col]]  # drops missing and NaN
 
 
 def _table(groups: dict, cols: list[str]) -> str:
     lines = ["| source -> target | task | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for (s, t, task), rs in groups.items():
-        cells = [f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" if (v := _mean(rs, c)) else "n/a"
+        cells = [f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" if (v := _values(rs, c)) else "n/a"
                  for c in cols]
         lines.append(f"| {s} -> {t} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -225,7 +225,7 @@ def _plot(groups: dict, path: Path) -> None:
     width = 0.8 / len(COLS)
     for ax, suffix, label in ((axes[0], "", "exact match"), (axes[1], "/token_acc", "token accuracy")):
         for j, c in enumerate(COLS):
-            vals = [_mean(rs, c + suffix) for rs in groups.values()]
+            vals = [_values(rs, c + suffix) for rs in groups.values()]
             means = [statistics.mean(v) if v else float("nan") for v in vals]
             errs = [statistics.pstdev(v) if v else 0.0 for v in vals]
             ax.bar([i + j * width for i in range(len(groups))], means, width, yerr=errs, capsize=2, label=c)
