@@ -128,8 +128,7 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
         if len(records) < 8:  # too few to train on: record it, do not invent a number
             row[name] = float("nan")
             continue
-        examples = [Example(r["input"], " " + r["output"].strip(), r["output"].strip()) for r in records]
-        row.update(_scores(name, _train(tgt, task, args, seed, examples)[1]))
+        row.update(_scores(name, _train(tgt, task, args, seed, transfer.pipeline.synthetic_examples(records))[1]))
         if filt:
             stats = syn.header["stats"]
             row.update(acceptance=stats["acceptance_rate"], mmd_kept=stats["mmd_kept_vs_seeds"],

@@ -96,13 +96,13 @@ class TransLoRADiscriminator(L.Callback):
 
     ``Trainer(callbacks=[LoRA(...), TransLoRADiscriminator("out/adapter-discriminator")])``:
     at the end of ``fit`` it takes ``num_real`` real inputs from the datamodule's training
-    split, lets the source base synthesise as many inputs from a numbered list
-    of ``num_seeds`` of them (:func:`~lightning_peft.transfer.models.sample_candidates`), and trains
-    the yes/no LoRA on the source base (:func:`train_discriminator`), recording the training set's
-    size with it (the transfer's default ``num_synthetic``). The task data is needed
-    only here, while it is still available (Wang et al. 2024, section 3.1). The inputs are
-    synthesised by the source *base* (its adapters switched off by
-    :func:`~lightning_peft.transfer.models.adapters_disabled`), as the target base will later.
+    split, lets the source *base* (adapters switched off by
+    :func:`~lightning_peft.transfer.models.adapters_disabled`, as the target base will generate
+    later) synthesise as many inputs from a numbered list of ``num_seeds`` of them
+    (:func:`~lightning_peft.transfer.models.sample_candidates`), and trains the yes/no LoRA on the
+    source base (:func:`train_discriminator`), recording the training set's size with it (the
+    transfer's default ``num_synthetic``). The task data is needed only here, while it is still
+    available (Wang et al. 2024, section 3.1).
 
     Args:
         out_dir: Where the discriminator adapter folder is written (convention:

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from lightning_peft.adapter_io import load_adapter, read_adapter
+from lightning_peft.adapter_io import CONFIG_FILE, load_adapter, read_adapter
 from lightning_peft.registry import create_method
 from lightning_peft.tasks import get_task
 from lightning_peft.tasks.data import Example
@@ -151,7 +151,7 @@ def resolve_num_synthetic(cfg: TransferConfig) -> int:
     if cfg.num_synthetic is not None:
         return cfg.num_synthetic
     folder = discriminator_folder(cfg)
-    size = read_adapter(folder)[2].get("train_size") if Path(folder, "adapter_config.json").exists() else None
+    size = read_adapter(folder)[2].get("train_size") if Path(folder, CONFIG_FILE).exists() else None
     if not size:
         raise ValueError(
             f"num_synthetic is not set and {folder} records no training set size (TransLoRADiscriminator writes "
@@ -234,6 +234,11 @@ def _stats(result: FilterResult, seeds: list[str], model: torch.nn.Module, tok: 
             "mmd_kept_vs_seeds": mmd(result.kept), "mmd_rejected_vs_seeds": mmd(result.rejected)}
 
 
+def synthetic_examples(records: list[dict[str, Any]]) -> list[Example]:
+    """Training examples of accepted synthetic records: the input, then the teacher's completion."""
+    return [Example(r["input"], " " + (r["output"] or "").strip(), (r["output"] or "").strip()) for r in records]
+
+
 def train_student(
     cfg: TransferConfig,
     syn: SyntheticSet,
@@ -256,8 +261,7 @@ def train_student(
     """
     from lightning_peft.module import CausalLMModule
 
-    train = [Example(r["input"], " " + (r["output"] or "").strip(), (r["output"] or "").strip())
-             for r in syn.accepted]
+    train = synthetic_examples(syn.accepted)
     if not train:
         raise ValueError("the synthetic set has no accepted examples; raise num_synthetic or check the filter.")
     task = get_task(cfg.task, tokenizer=cfg.target_model, **cfg.task_kwargs)
