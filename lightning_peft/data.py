@@ -7,13 +7,18 @@ differs from an uninterrupted run (measured: the first batch after the epoch bou
 differs). :class:`ResumableRandomSampler` makes the permutation of epoch ``e`` a pure
 function of ``(seed, e)``, so a run resumed at any step sees the same batches as one that
 never stopped.
+
+:func:`first_batches` takes a fixed handful of batches of a datamodule's split, as the drift
+analyses compare models on.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import lightning as L
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -50,3 +55,27 @@ class ResumableRandomSampler(Sampler[int]):
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int = 0, **kwargs: Any) -> StatefulDataLoader:
     """A shuffling ``StatefulDataLoader`` whose order survives a resume at any step."""
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=ResumableRandomSampler(len(dataset), seed), **kwargs)
+
+
+def first_batches(datamodule: L.LightningDataModule, split: str, num_batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_batches`` batches of ``datamodule``'s ``split`` loader, tensors only, on CPU.
+
+    Args:
+        datamodule: Any LightningDataModule (set up here for the split's stage).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        num_batches: How many batches (fewer if the split is shorter).
+
+    Raises:
+        ValueError: an unknown split, or the split is empty.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    datamodule.setup("fit" if split in ("train", "val") else "test")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    batches = list(itertools.islice(loader, num_batches))
+    if not batches:
+        raise ValueError(
+            f"the datamodule's {split!r} split is empty; choose another split (e.g. split=train) or give it examples "
+            f"(e.g. task.num_{split}=64)"
+        )
+    return [{k: v.cpu() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches]

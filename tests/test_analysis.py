@@ -171,12 +171,17 @@ def test_drift_callback_logs_tables_and_images_to_wandb(tmp_path: Path) -> None:
     # media arrive flattened: "drift/cka/_type": "table-file", "drift/cka/path": "media/table/..."
     tables = {k.removesuffix("/_type") for k, v in logged.items() if k.endswith("/_type") and v == "table-file"}
     images = {k.removesuffix("/_type") for k, v in logged.items() if k.endswith("/_type") and v == "image-file"}
-    assert tables == {f"drift/{t}" for t in ("weights", "ffn_activation", "ffn_contribution", "attention_js", "cka", "outcome")}
-    assert {"drift/plot/weights_heatmap", "drift/plot/attention_js", "drift/plot/cka"} <= images
+    assert tables == {f"drift/{t}" for t in ("weights", "ffn_activation", "ffn_contribution", "attention_js", "cka", "outcome",
+                                             "attribution")}
+    assert {"drift/plot/weights_heatmap", "drift/plot/attention_js", "drift/plot/cka", "drift/plot/attribution"} <= images
     assert 0 < logged["drift/cka"] <= 1 and logged["drift/weight_rel_change/ffn"] > 0
     outcome_file = tmp_path / "wandb" / run_file.parent.name / "files" / logged["drift/outcome/path"]
     outcome = json.loads(outcome_file.read_text())
-    assert outcome["columns"][:2] == ["base", "model"] and [r[0] for r in outcome["data"]] == ["old", "new"]
+    assert outcome["columns"][:3] == ["adapter", "base", "model"] and [r[1] for r in outcome["data"]] == ["old", "new"]
+    attribution = json.loads((outcome_file.parent / Path(logged["drift/attribution/path"]).name).read_text())
+    groups = [row[attribution["columns"].index("group")] for row in attribution["data"]]
+    assert groups[:2] == ["llama-micro-v1", "llama-micro-v2"] and {"ffn", "attention", "outside", "ffn@1"} <= set(groups)
+    assert "drift/explained_loss/ffn" in logged
     assert (Path(trainer.log_dir or tmp_path) / "drift" / "weights_heatmap.png").exists()
 
 

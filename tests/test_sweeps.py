@@ -22,7 +22,7 @@ SWEEPS = sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.yaml
 QUICK = {
     "train": ["experiment=smoke", "trainer.max_steps=2", "logger=csv"],
     "evolve": ["model.name_or_path=llama-micro-v1", "trainer.max_steps=2", "task.max_length=64", "task.num_train=16",
-               "task.num_test=4", "module.max_new_tokens=4", "logger=csv"],
+               "task.num_test=4", "module.max_new_tokens=4", "evolve.seeds=1", "evolve.drift_batches=1", "logger=csv"],
 }
 
 
@@ -38,7 +38,7 @@ def render(sweep: dict) -> list[list[str]]:
 
 
 def _overrides(command: list[str]) -> list[str]:
-    assert command[:2] == ["lightning-peft", "train"], command
+    assert command[0] == "lightning-peft" and command[1] in ("train", "evolve"), command
     return command[2:]
 
 
@@ -50,7 +50,7 @@ def test_every_sweep_point_composes_and_instantiates(path: Path) -> None:
     assert len(commands) >= 2
     with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
         for command in commands:
-            cfg = compose("train", overrides=_overrides(command))
+            cfg = compose(command[1], overrides=_overrides(command))
             method = instantiate(cfg.method)
             assert isinstance(method, lp.AdapterCallback)
             for arg in _overrides(command):  # every swept value reached the composed config
@@ -64,11 +64,10 @@ def test_first_and_last_point_of_each_sweep_run_offline(path: Path, micro_model_
     commands = render(yaml.safe_load(path.read_text()))
     for i, command in enumerate((commands[0], commands[-1])):
         overrides = _overrides(command)
-        quick = QUICK["evolve" if "experiment=evolve" in overrides else "train"]
         run_dir = tmp_path / str(i)
         proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", "train",
-             *quick, *overrides, f"hydra.run.dir={run_dir}"],
+            [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", command[1],
+             *QUICK[command[1]], *overrides, f"hydra.run.dir={run_dir}"],
             cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,17 +76,21 @@ def test_first_and_last_point_of_each_sweep_run_offline(path: Path, micro_model_
         assert results["method"] == lp.get_method(method).method_name
 
 
-@pytest.mark.parametrize("name", ["lora_rank", "rosa_density"])
-def test_hparams_search_grid_expands_to_one_job_per_point(name: str) -> None:
+@pytest.mark.parametrize(("name", "app", "count"), [("lora_rank", "train", 4), ("rosa_density", "train", 4),
+                                                     ("trans_peft_grid", "evolve", 9)])
+def test_hparams_search_grid_expands_to_one_job_per_point(name: str, app: str, count: int) -> None:
     with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
-        cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+        cfg = compose(app, overrides=[f"hparams_search={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     points = list(itertools.product(*(str(v).split(",") for v in params.values())))
-    assert len(points) == 4
+    assert len(points) == count
     with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
         for point in points:
-            job = compose("train", overrides=[f"hparams_search={name}", *(f"{k}={v}" for k, v in zip(params, point))])
+            job = compose(app, overrides=[f"hparams_search={name}", *(f"{k}={v}" for k, v in zip(params, point))])
             assert isinstance(instantiate(job.method), lp.AdapterCallback)
+            if app == "evolve":  # the point reached the Trans-PEFT callback of the protocol
+                tp = instantiate(job.evolve.trans_peft)
+                assert [tp.config.mask_p, tp.config.drop_p] == [float(v) for v in point]
 
 
 def test_optimized_metric_is_what_the_run_returns_to_an_optimising_sweeper() -> None:

@@ -42,7 +42,7 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_names_specs_and_public_api() -> None:
     assert zoo.__all__ == sorted(zoo.__all__)
     names = zoo.names()
-    assert len(names) == 12 and names == sorted(names)
+    assert len(names) == 18 and names == sorted(names)  # 3 families x 2 sizes x (v1, v2, v2-major)
     for name in ("llama-v1", "qwen2-v2", "gpt2-v1", "llama-micro-v1", "gpt2-micro-v2"):
         assert zoo.is_zoo_name(name) and zoo.spec(name).name == name
     assert zoo.spec("llama-v1").size == "tiny" and zoo.spec("llama-micro-v1").size == "micro"
@@ -242,3 +242,28 @@ def test_tiny_tokenizers_know_yes_and_no_as_words(style: str) -> None:
     assert 0.02 < len(checks) / len(docs) < 0.12
     tok = train_tokenizer(style, docs, 1024)
     assert [len(tok(w, add_special_tokens=False)["input_ids"]) for w in (" yes", " no")] == [1, 1]
+
+
+def test_tiny_updates_drift_as_documented() -> None:
+    """llama-v1 -> v2 is a moderate drift and -> v2-major a strong one, in the ranges `lightning_peft.zoo` states.
+
+    Builds the three tiny Llama models (about 3 minutes on one core); the figures are those of the
+    zoo docstring's table, with a margin for other CPUs' last bits.
+    """
+    from lightning_peft.analysis import compare_models, load_base
+    from lightning_peft.data import first_batches
+    from lightning_peft.tasks import get_task
+
+    batches = first_batches(get_task("arithmetic", tokenizer="llama-v1", num_train=16, num_val=0, num_test=32), "test", 2)
+    v1 = load_base("llama-v1")
+    summaries = {u: compare_models(v1, load_base(f"llama-{u}"), batches).summary() for u in ("v2", "v2-major")}
+    documented = {  # (attention, ffn relative weight change, attention JS, CKA) of the zoo docstring
+        "v2": (0.135, 0.157, 0.044, 0.91), "v2-major": (0.334, 0.343, 0.098, 0.84),
+    }
+    for update, (attn, ffn, js, cka) in documented.items():
+        s = summaries[update]
+        assert s["drift/weight_rel_change/attention"] == pytest.approx(attn, rel=0.1), update
+        assert s["drift/weight_rel_change/ffn"] == pytest.approx(ffn, rel=0.1), update
+        assert s["drift/attention_js"] == pytest.approx(js, rel=0.25), update
+        assert s["drift/cka"] == pytest.approx(cka, abs=0.03), update
+    assert summaries["v2"]["drift/weight_rel_change/ffn"] < 0.5 * summaries["v2-major"]["drift/weight_rel_change/ffn"]

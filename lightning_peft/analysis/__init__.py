@@ -1,7 +1,8 @@
 """Drift analysis of two versions of a base model (Trans-PEFT, arXiv 2506.06844, section 2).
 
 Pure metrics (:mod:`~lightning_peft.analysis.metrics`), the comparison of two models on task
-inputs (:func:`compare_models` -> :class:`DriftReport`), a report folder
+inputs (:func:`compare_models` -> :class:`DriftReport`), the causal attribution of an adapter's
+drop to sub-blocks through hybrid bases (:func:`attribute_drop`), a report folder
 (:func:`write_report`), and the :class:`DriftAnalysis` callback.
 
 Example:
@@ -9,6 +10,7 @@ Example:
     >>> write_report(analyse("llama-v1", "llama-v2", batches), "drift/")  # doctest: +SKIP
 """
 
+from lightning_peft.analysis.attribution import attribute_drop, sub_blocks
 from lightning_peft.analysis.callback import DriftAnalysis, adapter_outcome, analyse, evaluate_lm, load_base
 from lightning_peft.analysis.compare import DriftReport, compare_models, weight_drift
 from lightning_peft.analysis.metrics import cosine, js_divergence, linear_cka, relative_change, topk_overlap
@@ -19,6 +21,7 @@ __all__ = [
     "DriftReport",
     "adapter_outcome",
     "analyse",
+    "attribute_drop",
     "compare_models",
     "cosine",
     "evaluate_lm",
@@ -28,6 +31,7 @@ __all__ = [
     "log_report",
     "plot_report",
     "relative_change",
+    "sub_blocks",
     "topk_overlap",
     "weight_drift",
     "write_report",

@@ -11,6 +11,10 @@ What is measured (methods.md "Drift analyses", after Trans-PEFT section 2):
 4. ``attention_js``: per layer and head, Jensen-Shannon divergence of the attention
    probabilities, averaged over valid queries.
 5. ``cka``: per layer, linear CKA of the decoder-layer outputs over valid tokens.
+
+With an adapter trained on v_o, two more tables: ``outcome`` (its loss and token accuracy on
+each base) and ``attribution`` (the causal attribution of its drop to sub-blocks, from hybrid
+bases: :mod:`lightning_peft.analysis.attribution`).
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class DriftReport:
     attention_js: list[Row] = field(default_factory=list)
     cka: list[Row] = field(default_factory=list)
     outcome: list[Row] = field(default_factory=list)
+    attribution: list[Row] = field(default_factory=list)
 
-    TABLES = ("weights", "ffn_activation", "ffn_contribution", "attention_js", "cka", "outcome")
+    TABLES = ("weights", "ffn_activation", "ffn_contribution", "attention_js", "cka", "outcome", "attribution")
 
     def tables(self) -> dict[str, list[Row]]:
         """Non-empty tables by name."""
@@ -68,10 +73,29 @@ class DriftReport:
         ):
             if table:
                 out[name] = sum(r[key] for r in table) / len(table)
-        for row in self.outcome:
+        for base in dict.fromkeys(r["base"] for r in self.outcome):
             for key in ("loss", "token_acc"):
-                if key in row:
-                    out[f"drift/adapter_{key}/{row['base']}"] = row[key]
+                values = [r[key] for r in self.outcome if r["base"] == base and key in r]
+                if values:
+                    out[f"drift/adapter_{key}/{base}"] = sum(values) / len(values)
+        out.update({f"drift/{k}": v for k, v in self.attribution_summary().items()})
+        return out
+
+    def attribution_summary(self) -> dict[str, float]:
+        """Share of the adapter's drop explained by putting each of v_o's sub-block groups back.
+
+        Keys ``explained_{loss,token_acc}/{ffn,attention,outside}``, averaged over the adapters
+        analysed (one per seed in the evolve protocol); empty without an ``attribution`` table.
+        """
+        out: dict[str, float] = {}
+        for metric in ("loss", "token_acc"):
+            for group in ("ffn", "attention", "outside"):
+                values = [
+                    r[f"explained_{metric}"] for r in self.attribution
+                    if r["direction"] == "put back" and r["group"] == group and r[f"explained_{metric}"] is not None
+                ]
+                if values:
+                    out[f"explained_{metric}/{group}"] = sum(values) / len(values)
         return out
 
 

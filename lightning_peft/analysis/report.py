@@ -3,7 +3,8 @@
 Folder: ``summary.json`` (scalars), ``report.json`` (all tables), one ``<table>.csv`` per
 table, and PNG plots: ``weights_heatmap.png`` (layer x module type relative change),
 ``weights_by_depth.png`` (attention vs FFN vs depth), ``attention_js.png`` (layer x head),
-``cka.png``, ``ffn_contribution.png``, ``ffn_activation.png``.
+``cka.png``, ``ffn_contribution.png``, ``ffn_activation.png`` and, with an adapter,
+``attribution.png`` (share of its drop explained per sub-block group, both directions).
 """
 
 from __future__ import annotations
@@ -108,7 +109,38 @@ def plot_report(report: DriftReport, folder: Path) -> dict[str, Path]:
                 ax.plot([r["layer"] for r in rows], [r[key] for r in rows], marker="o", label=label)
             ax.set_xlabel("layer"), ax.set_ylabel(ylabel), ax.legend(), ax.set_title(title)
             save(fig, name)
+    if report.attribution:
+        save(_attribution_figure(report, plt, title), "attribution")
     return plots
+
+
+def _attribution_figure(report: DriftReport, plt: Any, title: str) -> Any:
+    """Bars of the explained share per group and direction (mean over adapters, std as error bars)."""
+    import statistics
+
+    groups = list(dict.fromkeys(r["group"] for r in report.attribution if r["direction"] != "base"))
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.7 * len(groups), 3.8), sharey=True)
+    width = 0.4
+    for ax, metric in zip(axes, ("token_acc", "loss"), strict=True):
+        for offset, direction in ((-width / 2, "put back"), (width / 2, "only")):
+            means, errors = [], []
+            for group in groups:
+                values = [
+                    r[f"explained_{metric}"] for r in report.attribution
+                    if r["group"] == group and r["direction"] == direction and r[f"explained_{metric}"] is not None
+                ]
+                means.append(statistics.fmean(values) if values else float("nan"))
+                errors.append(statistics.pstdev(values) if len(values) > 1 else 0.0)
+            label = "v_n, this group from v_o" if direction == "put back" else "v_o, only this group from v_n"
+            ax.bar([i + offset for i in range(len(groups))], means, width, yerr=errors, label=label, capsize=2)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.axhline(1, color="grey", linewidth=0.6, linestyle="--")
+        ax.set_xticks(range(len(groups)), groups, rotation=60, ha="right")
+        ax.set_title(f"{metric}: share of the drop explained")
+    axes[0].set_ylabel("explained share (1 = all of the drop)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"causal attribution of the old adapter's drop\n{title}", fontsize=9)
+    return fig
 
 
 def log_report(report: DriftReport, loggers: list[Any], plots: dict[str, Path], step: int | None = None) -> None:

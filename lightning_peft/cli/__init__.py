@@ -1,8 +1,8 @@
 """The ``lightning-peft`` command: ``lightning-peft <command> [hydra overrides]``.
 
 Commands:
-    train   Fine-tune an adapter (Hydra app over ``pkg://lightning_peft.conf``, config ``train``);
-            ``train experiment=evolve`` runs the Trans-PEFT evaluation protocol.
+    train   Fine-tune an adapter (Hydra app over ``pkg://lightning_peft.conf``, config ``train``).
+    evolve  The Trans-PEFT evaluation protocol across a base update, over seeds (config ``evolve``).
     drift   Compare two versions of a base model (Hydra app, config ``drift``): report folder.
     transfer  Trans-LoRA: carry an adapter to another base (Hydra app, config ``transfer``).
     zoo     ``lightning-peft zoo build NAME...`` / ``lightning-peft zoo list``: the local model zoo.
@@ -11,6 +11,7 @@ Commands:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ USAGE = """usage: lightning-peft <command> [args]
 
 commands:
   train [overrides]     fine-tune an adapter; e.g. `lightning-peft train method.r=16 task=sql`
-                        (Hydra: `--help`, `--cfg job`, `-m` for multirun);
-                        `train experiment=evolve`: adapters across a base update (v1 -> v2)
+                        (Hydra: `--help`, `--cfg job`, `-m` for multirun)
+  evolve [overrides]    does an adapter survive a base update (v1 -> v2)? the Trans-PEFT protocol
+                        over 3 seeds, with the drift report; e.g. `lightning-peft evolve method=rosa`
   drift [overrides]     drift report of two base versions; e.g. `lightning-peft drift old=llama-v1 new=llama-v2`
   transfer [overrides]  Trans-LoRA: carry an adapter to a new base without the task data;
                         e.g. `lightning-peft transfer source_adapter=DIR target_model=llama-v2`
@@ -60,27 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from lightning_peft.cli.train import hydra_main
-
-        sys.argv = [f"{sys.argv[0]} train", *rest]  # Hydra reads sys.argv
-        hydra_main()
-        return 0
-    if command == "drift":
-        from lightning_peft.cli.drift import hydra_main as drift_main
-
-        sys.argv = [f"{sys.argv[0]} drift", *rest]
-        drift_main()
-        return 0
-    if command == "transfer":
-        from lightning_peft.cli.transfer import hydra_main as transfer_main
-
-        sys.argv = [f"{sys.argv[0]} transfer", *rest]
-        transfer_main()
+    hydra_apps = {
+        "train": "lightning_peft.cli.train", "evolve": "lightning_peft.cli.evolve",
+        "drift": "lightning_peft.cli.drift", "transfer": "lightning_peft.cli.transfer",
+    }
+    if command in hydra_apps:
+        app = importlib.import_module(hydra_apps[command]).hydra_main
+        sys.argv = [f"{sys.argv[0]} {command}", *rest]  # Hydra reads sys.argv
+        app()
         return 0
     if command == "zoo":
         from lightning_peft.cli.zoo import zoo_main
 
         return zoo_main(rest)
-    print(f"unknown command {command!r}; expected one of: train, drift, transfer, zoo\n\n{USAGE}", file=sys.stderr)
+    print(f"unknown command {command!r}; expected one of: train, evolve, drift, transfer, zoo\n\n{USAGE}", file=sys.stderr)
     return 2

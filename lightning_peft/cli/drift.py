@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_peft.analysis import DriftReport, analyse, log_report, write_report
-
-
-def task_batches(task_cfg: DictConfig, split: str, num_batches: int) -> list[dict[str, Any]]:
-    """The first ``num_batches`` batches of a task's ``split`` loader (tensors only).
-
-    Raises:
-        ValueError: the split is empty.
-    """
-    datamodule = instantiate(task_cfg)
-    datamodule.setup("fit" if split in ("train", "val") else "test")
-    batches = list(itertools.islice(getattr(datamodule, f"{split}_dataloader")(), num_batches))
-    if not batches:
-        raise ValueError(f"drift: the task's {split!r} split is empty; set split=train or task.num_{split}>0")
-    return [{k: v for k, v in b.items() if hasattr(v, "shape")} for b in batches]
+from lightning_peft.data import first_batches
 
 
 def run(cfg: DictConfig) -> DriftReport:
     """Build, write, log and print the report ``cfg`` asks for."""
-    batches = task_batches(cfg.task, cfg.split, cfg.num_batches)
-    report = analyse(cfg.old, cfg.new, batches, topk=cfg.topk, adapter_dir=cfg.adapter)
+    batches = first_batches(instantiate(cfg.task), cfg.split, cfg.num_batches)
+    report = analyse(cfg.old, cfg.new, batches, topk=cfg.topk, adapter_dirs=cfg.adapter, per_layer=cfg.per_layer)
     plots = write_report(report, cfg.out_dir)
     logger_cfg = cfg.get("logger")
     logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else None

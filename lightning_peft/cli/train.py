@@ -35,13 +35,14 @@ def _loggers(cfg: DictConfig) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns the results written to ``results.json``.
 
-    With an ``evolve`` section (``experiment=evolve``) it runs the Trans-PEFT evaluation
-    protocol instead (:func:`lightning_peft.evolve.run_evolve`).
+    Raises:
+        ValueError: the config has an ``evolve`` section: that protocol is ``lightning-peft evolve``.
     """
     if cfg.get("evolve") is not None:
-        from lightning_peft.evolve import run_evolve
-
-        return run_evolve(cfg)
+        raise ValueError(
+            "this config has an `evolve` section, but `lightning-peft train` trains one adapter; the Trans-PEFT "
+            "protocol is its own command now: run `lightning-peft evolve` with the same overrides (without experiment=evolve)"
+        )
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     datamodule = instantiate(cfg.task)

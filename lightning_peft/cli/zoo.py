@@ -11,7 +11,7 @@ def zoo_main(args: list[str]) -> int:
     """``zoo list`` or ``zoo build NAME...``; returns the exit code."""
     if args[:1] == ["list"]:
         for name in zoo.names():
-            print(f"{name:18s} {'built: ' + str(zoo.model_dir(name)) if zoo.is_built(name) else 'not built'}")
+            print(f"{name:22s} {'built: ' + str(zoo.model_dir(name)) if zoo.is_built(name) else 'not built'}")
         return 0
     if args[:1] == ["build"] and len(args) > 1:
         for name in args[1:]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning_peft.atomic import atomic_write_text
 
 __all__ = ["FORMAT_VERSION", "ProvenanceMismatchError", "SyntheticSet"]
 
@@ -51,21 +52,9 @@ class SyntheticSet:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically to ``path`` (parent folders created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"kind": "header", "format": FORMAT_VERSION, **self.header}, sort_keys=True)]
         lines += [json.dumps({"kind": "example", **r}, sort_keys=True) for r in self.records]
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SyntheticSet:

@@ -3,7 +3,9 @@
 Names are ``"{family}-{version}"`` for the ``tiny`` size (``"llama-v1"``, ``"qwen2-v2"``)
 and ``"{family}-micro-{version}"`` for the ``micro`` size used by tests
 (``"gpt2-micro-v1"``). A ``v2`` spec names its ``v1`` parent in ``init``: it is built by
-continuing the parent's pre-training on the ``v2`` corpus.
+continuing the parent's pre-training on the ``v2`` corpus. Every family has two updates of the
+same ``v1``: ``v2`` (moderate, the default v_n) and ``v2-major`` (the same updated corpus at a
+5x larger learning rate), so results can show how transfer depends on the size of the update.
 
 Example:
     >>> spec("llama-micro-v2").init
@@ -25,14 +27,14 @@ Size = Literal["tiny", "micro"]
 
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "gpt2")
 SIZES: tuple[str, ...] = ("tiny", "micro")
-VERSIONS: tuple[str, ...] = ("v1", "v2")
+VERSIONS: tuple[str, ...] = ("v1", "v2", "v2-major")
 
 # Bump when the build code changes what a spec produces (corpus, tokenizer, training loop):
 # it is part of every folder hash, so old caches are rebuilt rather than silently reused.
-BUILD_FORMAT = 4
+BUILD_FORMAT = 5
 
 # Names that look like zoo names (so `resolve` must not pass them on to the Hub).
-ZOO_NAME_RE = re.compile(r"^(llama|qwen2|gpt2)(-(tiny|micro|small|mini|nano))?-v\d+$")
+ZOO_NAME_RE = re.compile(r"^(llama|qwen2|gpt2)(-(tiny|micro|small|mini|nano))?-v\d+(-\w+)?$")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ZooSpec:
         family: Architecture and tokenizer style: ``"llama"``, ``"qwen2"`` or ``"gpt2"``.
         size: ``"tiny"`` (the app's default) or ``"micro"`` (tests).
         version: World/corpus version, ``"v1"`` or ``"v2"``.
+        update: ``""`` or the name of a second update of the same ``v1`` on the same corpus
+            (``"major"``: the name gets ``-major``).
         hidden: Model width ``d``.
         layers: Number of transformer blocks.
         heads: Attention heads (head dim = ``hidden // heads``).
@@ -82,12 +86,13 @@ class ZooSpec:
     tokenizer_docs: int = 2000
     world_scale: int = 1
     init: str | None = None
+    update: str = ""
 
     @property
     def name(self) -> str:
         """The zoo name, e.g. ``"llama-v1"`` or ``"gpt2-micro-v2"``."""
         mid = "" if self.size == "tiny" else f"-{self.size}"
-        return f"{self.family}{mid}-{self.version}"
+        return f"{self.family}{mid}-{self.version}" + (f"-{self.update}" if self.update else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (what ``zoo.json`` stores under ``"spec"``)."""
@@ -120,24 +125,32 @@ _ARCH: dict[tuple[str, str], dict[str, Any]] = {
 }
 # Training recipe of each (size, version). Tiny blocks are 384 tokens (4 per step, the same
 # tokens per step as 12 x 128) so a Trans-LoRA seed-list prompt of 5 task inputs plus the new
-# one fits the context of every family. v2 continues v1 with a fresh warm-up/decay at a
-# lower peak: large enough to rewrite the changed facts, small enough to stay a drift.
+# one fits the context of every family. Both updates continue v1 on the v2 corpus with a fresh
+# warm-up/decay, as continual pre-training does (CPT restarts at a peak below the original one):
+# v2 at 1/5 of v1's peak for 1/3 of its steps (moderate: 13-16% relative weight change, attention
+# JS 0.04, CKA 0.91 on llama, see `lightning_peft.zoo` "What the updates change"), v2-major at 1/2
+# of the peak for 2/3 of the steps (33-36%, JS 0.10, CKA 0.84: the zoo's v2 up to build format 4).
 _RECIPE: dict[tuple[str, str], dict[str, Any]] = {
     ("tiny", "v1"): dict(
         seq_len=384, steps=480, lr=3e-3, warmup=20, batch=4, n_docs=3000, tokenizer_docs=3000
     ),
     ("tiny", "v2"): dict(
+        seq_len=384, steps=160, lr=6e-4, warmup=10, batch=4, n_docs=4000, tokenizer_docs=3000
+    ),
+    ("tiny", "v2-major"): dict(
         seq_len=384, steps=320, lr=1.5e-3, warmup=10, batch=4, n_docs=4000, tokenizer_docs=3000
     ),
     ("micro", "v1"): dict(seq_len=64, steps=30, lr=3e-3, warmup=3, batch=8, n_docs=400, tokenizer_docs=400),
-    ("micro", "v2"): dict(seq_len=64, steps=20, lr=1.5e-3, warmup=2, batch=8, n_docs=500, tokenizer_docs=400),
+    ("micro", "v2"): dict(seq_len=64, steps=10, lr=6e-4, warmup=2, batch=8, n_docs=500, tokenizer_docs=400),
+    ("micro", "v2-major"): dict(seq_len=64, steps=20, lr=1.5e-3, warmup=2, batch=8, n_docs=500, tokenizer_docs=400),
 }
 
 
 def _make(family: str, size: str, version: str) -> ZooSpec:
     init = None if version == "v1" else f"{family}{'' if size == 'tiny' else '-' + size}-v1"
+    world, _, update = version.partition("-")
     arch, recipe = _ARCH[family, size], _RECIPE[size, version]
-    return ZooSpec(family, size, version, **arch, **recipe, init=init)  # type: ignore[arg-type]
+    return ZooSpec(family, size, world, **arch, **recipe, init=init, update=update)  # type: ignore[arg-type]
 
 
 SPECS: dict[str, ZooSpec] = {

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 class TransPEFT(L.Callback):
     """Intra-layer knowledge masking and cross-layer knowledge dropping of FFNs while training.
 
-    ``Trainer(callbacks=[LoRA(r=8), TransPEFT(mask_p=0.1, drop_p=0.1)])``.
+    ``Trainer(callbacks=[LoRA(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), TransPEFT()])``:
+    the defaults are the paper's released configuration (adapter on q, k, v, o; p_d = 0.1, p_m = 0).
 
     Randomness: one ``batch_seed`` is drawn per training micro-batch from a ``torch.Generator``
     (seeded with ``seed``; its state is in the callback's ``state_dict``, so resuming is
@@ -60,7 +61,7 @@ class TransPEFT(L.Callback):
     """
 
     def __init__(
-        self, mask_p: float = 0.1, drop_p: float = 0.1, ffn_modules: str | list[str] = "auto", seed: int = 0
+        self, mask_p: float = 0.0, drop_p: float = 0.1, ffn_modules: str | list[str] = "auto", seed: int = 0
     ) -> None:
         self.config = TransPEFTConfig(mask_p=mask_p, drop_p=drop_p, ffn_modules=ffn_modules, seed=seed)
         self.generator = torch.Generator().manual_seed(seed)

@@ -13,10 +13,11 @@ class TransPEFTConfig:
         mask_p: Intra-layer knowledge masking probability p_m, in [0, 1): every element of
             every FFN intermediate activation (the input of ``down_proj``/``c_proj``/``fc2``,
             shape (B, T, d_ff)) is zeroed with this probability, without 1/(1-p) rescaling.
-            Reported values 0.1-0.3; the released example uses 0.
+            Default 0, as in the released configuration (github.com/gccnlp/Trans-PEFT, the
+            Qwen2-7B -> Qwen2.5-7B script); values of 0.1-0.3 are reported beside the paper.
         drop_p: Cross-layer knowledge dropping probability p_d, in [0, 1]: per decoder layer
             and micro-batch, the whole FFN sub-block is skipped with this probability
-            (x_{l+1} = x_l + Attn(LN(x_l))). The released example uses 0.1.
+            (x_{l+1} = x_l + Attn(LN(x_l))). Default 0.1, the released configuration.
         ffn_modules: ``"auto"`` (Llama/Mistral/Qwen2/Gemma gated MLPs, GPT-2 MLPs, OPT
             ``fc1``/``fc2`` pairs), a regex that full module names must match, or a list of
             full module names / dotted suffixes (e.g. ``["mlp"]``) of FFN sub-blocks whose
@@ -24,7 +25,7 @@ class TransPEFTConfig:
         seed: Seed of the callback's torch generator (the masks and drop decisions).
     """
 
-    mask_p: float = 0.1
+    mask_p: float = 0.0
     drop_p: float = 0.1
     ffn_modules: str | list[str] = "auto"
     seed: int = 0
