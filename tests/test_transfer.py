@@ -316,8 +316,8 @@ def test_transfer_cli_multirun_composes_and_runs(micro_model_dir: str, tmp_path)
     sweep = tmp_path / "sweep"
     assert main(["transfer", "-m", "kl_weight=0,0.5", f"source_adapter={adapter}", "source_model=llama-micro-v1",
                  "target_model=llama-micro-v2", "filter=false", "num_synthetic=2", "generate_batch_size=4",
-                 "max_new_tokens=16", "label_max_new_tokens=6", "generator_context=256", "+task_kwargs.num_train=8",
-                 "+task_kwargs.num_val=0", "+task_kwargs.num_test=2", "+task_kwargs.max_length=64",
+                 "max_new_tokens=16", "label_max_new_tokens=6", "generator_context=256", "task=arithmetic",
+                 "task.num_train=8", "task.num_val=0", "task.num_test=2", "task.max_length=64",
                  "student.trainer_kwargs.max_steps=1", "student.data_kwargs.batch_size=2",
                  "student.method_kwargs.r=2", "logger=csv", "+student.trainer_kwargs.log_every_n_steps=1",
                  f"hydra.sweep.dir={sweep}"]) == 0
@@ -411,3 +411,24 @@ def test_distillation_refuses_different_vocabularies(micro_model_dir: str) -> No
     module = DistillationModule(zoo.load("llama-micro-v1"), model="gpt2-micro-v1")
     with pytest.raises(ValueError, match="token-level KL needs one vocabulary.*kl_weight=0"):
         module.configure_model()
+
+
+def test_readme_source_step_saves_adapter_and_discriminator_with_progress_bars(tmp_path) -> None:
+    """`lightning-peft train experiment=translora_source task=...` as typed (default trainer, rich progress bars on).
+
+    The discriminator's own Trainer runs inside the outer fit's `on_fit_end`; with two rich live displays the
+    outer teardown used to crash ("pop from empty list") before the source adapter was written.
+    """
+    import subprocess
+    import sys
+
+    cmd = ["train", "experiment=translora_source", "task=arithmetic", "model.name_or_path=llama-micro-v1",
+           "trainer.max_steps=2", "task.max_length=64", "task.num_train=16", "task.num_val=0", "task.num_test=4",
+           "module.max_new_tokens=4", "callbacks.translora_discriminator.num_real=8",
+           "callbacks.translora_discriminator.max_steps=2", "callbacks.translora_discriminator.max_new_tokens=16",
+           "logger=csv", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", *cmd],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter-discriminator" / "adapter_config.json").exists()

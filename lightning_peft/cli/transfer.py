@@ -18,12 +18,23 @@ from omegaconf import DictConfig, OmegaConf
 import lightning_peft as lp
 from lightning_peft.transfer import TransferConfig, synthesize, train_student
 
+# Keys of a task config that the transfer sets itself (tokenizer: the target's; the shuffling seed: its own).
+_TASK_KEYS_SET_HERE = ("_target_", "tokenizer", "shuffle_seed")
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one transfer as ``cfg`` says; returns what is written to ``results.json``."""
+
+def transfer_config(cfg: DictConfig, task_name: str) -> TransferConfig:
+    """The :class:`TransferConfig` of a composed ``transfer`` config; the ``task`` group gives name and settings."""
     fields = {f.name for f in dataclasses.fields(TransferConfig)}
-    tcfg = TransferConfig(**{k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                             for k, v in cfg.items() if k in fields})
+    values = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+              for k, v in cfg.items() if k in fields and k not in ("task", "task_kwargs")}
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return TransferConfig(task=task_name, task_kwargs={k: v for k, v in task.items() if k not in _TASK_KEYS_SET_HERE},
+                          **values)
+
+
+def run(cfg: DictConfig, task_name: str) -> dict[str, Any]:
+    """Run one transfer as ``cfg`` says; returns what is written to ``results.json``."""
+    tcfg = transfer_config(cfg, task_name)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger_cfg = cfg.get("logger")
@@ -68,4 +79,6 @@ def _print(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="transfer")
 def hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    run(cfg, HydraConfig.get().runtime.choices["task"])

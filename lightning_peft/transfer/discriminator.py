@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lightning_peft.adapter_io import save_adapter
 from lightning_peft.methods.lora import LoRA
@@ -76,7 +77,13 @@ def train_discriminator(
     kw: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                           "enable_model_summary": False, "max_steps": max_steps}
     kw.update(trainer_kwargs or {})
-    L.Trainer(callbacks=[LoRA(r=r, alpha=2 * r, adapter_name="default")], **kw).fit(module, data)
+    callbacks: list[L.Callback] = [LoRA(r=r, alpha=2 * r, adapter_name="default")]
+    if kw.get("enable_progress_bar", True):
+        # tqdm, not rich: this Trainer may run inside another fit (TransLoRADiscriminator.on_fit_end) whose
+        # RichProgressBar holds the console's live display; a second rich bar would unbalance its stack and
+        # crash the outer fit's teardown ("pop from empty list") before the source adapter is saved.
+        callbacks.append(TQDMProgressBar(leave=False))
+    L.Trainer(callbacks=callbacks, **kw).fit(module, data)
     return module, save_adapter(module, out_dir, metadata=metadata)
 
 
