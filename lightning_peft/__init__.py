@@ -29,6 +29,7 @@ from lightning_peft.methods.trans_peft import TransPEFT, TransPEFTConfig
 from lightning_peft.plugins import AdapterCheckpointIO, AdapterDDPStrategy, AdapterFSDPStrategy
 from lightning_peft.registry import available_methods, create_method, get_method, register_method
 from lightning_peft.targeting import NoTargetModulesError, find_target_modules
+from lightning_peft.upgrade import UpgradeRecord
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "SHiRAConfig",
     "TransPEFT",
     "TransPEFTConfig",
+    "UpgradeRecord",
     "__version__",
     "available_methods",
     "base_fingerprint",

@@ -172,12 +172,19 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
         metadata: JSON-serialisable facts stored with the weights (in the safetensors header,
             read back by :func:`read_adapter`), e.g. the training set size.
 
+    When ``module`` carries an upgrade record (:class:`~lightning_peft.UpgradeRecord`,
+    ``TransLoRADiscriminator``), the folder also gets ``upgrade.json`` (task, seed inputs,
+    training-set size) and a copy of the discriminator in ``discriminator/``
+    (:mod:`lightning_peft.upgrade.record`); plain peft ignores both.
+
     Returns:
         The folder path.
 
     Raises:
         ValueError: no adapter, or several and ``adapter_name`` not given.
     """
+    from lightning_peft.upgrade.record import DISCRIMINATOR_DIR, RECORD_ATTR, RECORD_FILE, write_record
+
     owner_prefix, owner, name = _adapter_owner(module, adapter_name)
     base_prefix, base = find_base_model(module)
     config = copy.deepcopy(owner.peft_config[name])
@@ -194,9 +201,13 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
     config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
     config.inference_mode = True
     meta = {**(metadata or {}), "adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
-    with atomic_directory(path, replaceable={CONFIG_FILE, WEIGHTS_FILE, "README.md"}) as tmp:
+    record = getattr(module, RECORD_ATTR, None)
+    ours = {CONFIG_FILE, WEIGHTS_FILE, "README.md", RECORD_FILE, DISCRIMINATOR_DIR}
+    with atomic_directory(path, replaceable=ours) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+        if record:
+            write_record(tmp, record)
     return Path(path)
 
 

@@ -5,6 +5,8 @@ Commands:
     evolve  The Trans-PEFT evaluation protocol across a base update, over seeds (config ``evolve``).
     drift   Compare two versions of a base model (Hydra app, config ``drift``): report folder.
     transfer  Trans-LoRA: carry an adapter to another base (Hydra app, config ``transfer``).
+    upgrade   Upgrade a fleet of adapters to a new base (Hydra app, config ``upgrade``);
+              ``upgrade-report DIR`` merges the shards of a sweep.
     zoo     ``lightning-peft zoo build NAME...`` / ``lightning-peft zoo list``: the local model zoo.
 """
 
@@ -26,6 +28,10 @@ commands:
   drift [overrides]     drift report of two base versions; e.g. `lightning-peft drift old=llama-v1 new=llama-v2`
   transfer [overrides]  Trans-LoRA: carry an adapter to a new base without the task data;
                         e.g. `lightning-peft transfer source_adapter=DIR target_model=llama-v2`
+  upgrade adapters=DIR new=MODEL
+                        carry every adapter under DIR to a new base: direct reuse, Trans-LoRA or
+                        "needs data", as a data-free agreement check decides (`-m shard=0,1 num_shards=2`)
+  upgrade-report [DIR]  merge the reports of a sharded upgrade sweep
   zoo list              list the local zoo models
   zoo build NAME...     build (and cache) zoo models
 """
@@ -65,15 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     hydra_apps = {
         "train": "lightning_peft.cli.train", "evolve": "lightning_peft.cli.evolve",
         "drift": "lightning_peft.cli.drift", "transfer": "lightning_peft.cli.transfer",
+        "upgrade": "lightning_peft.cli.upgrade",
     }
     if command in hydra_apps:
         app = importlib.import_module(hydra_apps[command]).hydra_main
         sys.argv = [f"{sys.argv[0]} {command}", *rest]  # Hydra reads sys.argv
         app()
         return 0
+    if command == "upgrade-report":
+        from lightning_peft.cli.upgrade import report_main
+
+        return report_main(rest)
     if command == "zoo":
         from lightning_peft.cli.zoo import zoo_main
 
         return zoo_main(rest)
-    print(f"unknown command {command!r}; expected one of: train, evolve, drift, transfer, zoo\n\n{USAGE}", file=sys.stderr)
+    print(f"unknown command {command!r}; expected one of: train, evolve, drift, transfer, upgrade, upgrade-report, zoo\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -131,6 +131,7 @@ class TransLoRADiscriminator(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_peft.transfer.filtering import rejection_sample
         from lightning_peft.transfer.models import adapters_disabled, sample_candidates
+        from lightning_peft.upgrade.record import set_record
 
         dm = trainer.datamodule
         if not isinstance(dm, PromptCompletionDataModule):
@@ -151,3 +152,4 @@ class TransLoRADiscriminator(L.Callback):
         source = getattr(model, "name_or_path", None) or model.config._name_or_path
         size = {"train_size": len(dm.get_examples()["train"])}  # the transfer makes as many synthetic examples
         _, self.path = train_discriminator(source, real, fake, task, self.out_dir, metadata=size, **self.train_kwargs)
+        set_record(pl_module, discriminator=str(self.path))  # save_adapter copies it into the adapter folder

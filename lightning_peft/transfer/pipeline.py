@@ -49,7 +49,10 @@ class TransferConfig:
         source_adapter: The trained adapter folder (peft format).
         target_model: The new base.
         task: Task name (``lightning_peft.tasks.TASKS``): seeds come from its training split,
-            the evaluation from its test split; the training data is otherwise never read.
+            the evaluation from its test split; the training data is otherwise never read. With
+            ``seeds`` given it is only the name the prompts use (any string).
+        seeds: The real inputs shown to the generator (default: the first ``num_seeds`` training
+            inputs of ``task``); an adapter's recorded seeds (:mod:`lightning_peft.upgrade`).
         discriminator: Discriminator adapter folder (default ``{source_adapter}-discriminator``);
             ``None`` together with ``filter=False`` skips filtering (the "unfiltered" ablation).
         generator: Model that writes new inputs (default: ``target_model``, as in the paper).
@@ -77,6 +80,7 @@ class TransferConfig:
     task: str
     discriminator: str | None = None
     generator: str | None = None
+    seeds: list[str] | None = None
     num_seeds: int = 5
     num_synthetic: int | None = None
     filter: bool = True
@@ -174,8 +178,13 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
     """
     console = console or Console(stderr=True)
     wanted = resolve_num_synthetic(cfg)  # fails fast when unknown
-    task = get_task(cfg.task, tokenizer=cfg.target_model, **{"num_train": max(cfg.num_seeds, 8), **cfg.task_kwargs})
-    seeds_all = [e.prompt for e in task.get_examples()["train"][: cfg.num_seeds]]
+    if cfg.seeds is not None:
+        seeds_all = list(cfg.seeds)[: cfg.num_seeds]
+    else:
+        task = get_task(cfg.task, tokenizer=cfg.target_model, **{"num_train": max(cfg.num_seeds, 8), **cfg.task_kwargs})
+        seeds_all = [e.prompt for e in task.get_examples()["train"][: cfg.num_seeds]]
+    if not seeds_all:
+        raise ValueError("Trans-LoRA needs at least one real seed input; pass seeds=[...] or num_seeds >= 1")
     generator, gen_tok = _load(cfg.generator or cfg.target_model)
     context = cfg.generator_context or getattr(generator.config, "max_position_embeddings", 2048)
     seeds = fitting_seeds(gen_tok, seeds_all, cfg.task, cfg.max_new_tokens, context)
@@ -247,8 +256,13 @@ def train_student(
     module_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     data_kwargs: dict[str, Any] | None = None,
+    test: bool = True,
 ) -> tuple[L.LightningModule, dict[str, float]]:
     """Train a fresh adapter on ``cfg.target_model`` with the synthetic pairs; test on real data.
+
+    With ``test=False`` no real data is read at all (the upgrade's data-free route): the metrics
+    are empty and the examples' length comes from ``data_kwargs``/``cfg.task_kwargs``
+    (``max_length``, default 128).
 
     The loss is the LM loss on the teacher's completions, plus the teacher's token-level KL when
     ``cfg.kl_weight > 0`` (:class:`~lightning_peft.transfer.distill.DistillationModule`).
@@ -264,11 +278,14 @@ def train_student(
     train = synthetic_examples(syn.accepted)
     if not train:
         raise ValueError("the synthetic set has no accepted examples; raise num_synthetic or check the filter.")
-    task = get_task(cfg.task, tokenizer=cfg.target_model, **cfg.task_kwargs)
-    test = task.get_examples()["test"]
-    data = ExamplesDataModule(cfg.target_model, train, test=test, **{"max_length": task.max_length,
-                                                                       **(data_kwargs or {})})
-    data.extract_answer = task.extract_answer  # type: ignore[method-assign]  (the task's own scoring)
+    if test:
+        task = get_task(cfg.task, tokenizer=cfg.target_model, **cfg.task_kwargs)
+        data = ExamplesDataModule(cfg.target_model, train, test=task.get_examples()["test"],
+                                  **{"max_length": task.max_length, **(data_kwargs or {})})
+        data.extract_answer = task.extract_answer  # type: ignore[method-assign]  (the task's own scoring)
+    else:
+        length = cfg.task_kwargs.get("max_length", 128)
+        data = ExamplesDataModule(cfg.target_model, train, **{"max_length": length, **(data_kwargs or {})})
     if cfg.kl_weight > 0:  # token-level KL on top (same vocabulary only; checked in configure_model)
         from lightning_peft.transfer.distill import DistillationModule
 
@@ -280,6 +297,8 @@ def train_student(
     kw.update(trainer_kwargs or {})
     trainer = L.Trainer(callbacks=[create_method(method, **(method_kwargs or {}))], **kw)
     trainer.fit(module, data)
+    if not test:
+        return module, {}
     metrics = trainer.test(module, data, verbose=False)[0]
     return module, {k: float(v) for k, v in metrics.items()}
 

@@ -1,0 +1,89 @@
+"""``lightning-peft upgrade adapters=DIR new=MODEL``: upgrade a fleet (Hydra config ``upgrade``), and
+``lightning-peft upgrade-report [DIR]``: merge the reports of a sharded sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_peft.upgrade import UpgradeConfig, upgrade_fleet
+from lightning_peft.upgrade.report import log_report, merge_reports, write_report
+
+
+def upgrade_config(cfg: DictConfig) -> UpgradeConfig:
+    """The :class:`UpgradeConfig` of a composed ``upgrade`` config."""
+    fields = {f.name for f in dataclasses.fields(UpgradeConfig)}
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return UpgradeConfig(**{k: v for k, v in values.items() if k in fields})  # type: ignore[union-attr]
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Upgrade the fleet ``cfg`` names; write, log and print the report; returns its rows."""
+    ucfg = upgrade_config(cfg)
+    logger_cfg = cfg.get("logger")
+    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else None
+    try:
+        rows = upgrade_fleet(ucfg)
+        files = write_report(rows, ucfg.out, ucfg.threshold)
+        if logger is not None:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            log_report(rows, logger, files["png"])
+        print_report(rows, files["md"])
+        return rows
+    finally:
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def print_report(rows: list[dict[str, Any]], where: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fleet upgrade: {len(rows)} adapters")
+    for column in ("adapter", "route", "agreement", "seconds"):
+        table.add_column(column, justify="right" if column in ("agreement", "seconds") else "left", no_wrap=True)
+    for r in rows:
+        agreement = "" if r.get("agreement") is None else f"{r['agreement']:.3f}"
+        table.add_row(r["adapter"], r["route"], agreement, f"{r.get('seconds', 0):.1f}")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    console.print(table)
+    console.print(f"report: {where.with_suffix('')}.{{json,csv,md,png}}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="upgrade")
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def report_main(args: list[str]) -> int:
+    """``upgrade-report [DIR]``: merge the shard reports below DIR (default: the newest upgrade sweep)."""
+    if len(args) > 1 or args[:1] in (["-h"], ["--help"]):
+        print("usage: lightning-peft upgrade-report [SWEEP_DIR]  (default: the newest multirun/upgrade/*/* folder)")
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    if args:
+        folder = Path(args[0])
+    else:
+        sweeps = sorted(Path("multirun/upgrade").glob("*/*"))
+        if not sweeps:
+            print("no multirun/upgrade/*/* folder here; pass the sweep folder: lightning-peft upgrade-report DIR",
+                  file=sys.stderr)
+            return 2
+        folder = sweeps[-1]
+    try:
+        rows = merge_reports(folder)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    files = write_report(rows, folder)
+    print_report(rows, files["md"])
+    return 0

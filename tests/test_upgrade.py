@@ -1,0 +1,269 @@
+"""`lightning_peft.upgrade`: the record adapters carry, the agreement check by hand, route choice, resume,
+refusals, failure isolation, shards, bad input, and `lightning-peft upgrade` end to end on micro models."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import read_wandb_offline_run
+
+import lightning_peft as lp
+from lightning_peft.module import CausalLMModule
+from lightning_peft.tasks import get_task
+from lightning_peft.upgrade import (
+    Agreement,
+    UpgradeConfig,
+    UpgradeSettingsError,
+    agreement,
+    completion_kl,
+    find_adapters,
+    read_record,
+    text_similarity,
+    upgrade_fleet,
+)
+from lightning_peft.upgrade import fleet as fleet_mod
+
+MICRO = dict(max_length=64, num_train=16, num_val=0, num_test=4, batch_size=8)
+# seconds-long upgrade settings on micro models
+QUICK = dict(num_holdout=3, num_synthetic=4, max_new_tokens=6,
+             synthesis={"generator_context": 256, "max_new_tokens": 24, "generate_batch_size": 8},
+             student={"trainer_kwargs": {"max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False},
+                      "data_kwargs": {"batch_size": 4}})
+
+
+def _train(folder: Path, method: lp.AdapterCallback, num_seeds: int = 3) -> Path:
+    module = CausalLMModule("llama-micro-v1", generate_on_val=False)
+    L.Trainer(max_steps=2, callbacks=[method, lp.UpgradeRecord(num_seeds=num_seeds)], logger=False,
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              limit_val_batches=0).fit(module, get_task("arithmetic", tokenizer="llama-micro-v1", **MICRO))
+    return lp.save_adapter(module, folder)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fleet")
+    _train(root / "team-a" / "lora", lp.LoRA(r=2))
+    _train(root / "team-b" / "shira", lp.SHiRA(density=0.05, mask="random"))
+    return root
+
+
+def _copy(fleet: Path, tmp_path: Path) -> Path:
+    shutil.copytree(fleet, tmp_path / "fleet")
+    return tmp_path / "fleet"
+
+
+# --------------------------------------------------------------------------- the record
+def test_adapters_carry_task_seeds_and_size_and_plain_peft_still_loads_them(fleet: Path) -> None:
+    from peft import PeftModel
+
+    from lightning_peft.analysis import load_base
+
+    record = read_record(fleet / "team-a" / "lora")
+    examples = get_task("arithmetic", tokenizer="llama-micro-v1", **MICRO).get_examples()["train"]
+    assert record.task == "arithmetic" and record.seeds == [e.prompt for e in examples[:3]]
+    assert record.train_size == 16 and record.task_kwargs == {"max_length": 64} and record.base == "llama-micro-v1"
+    assert record.discriminator is None
+    PeftModel.from_pretrained(load_base("llama-micro-v1"), str(fleet / "team-a" / "lora"))  # upgrade.json is ignored
+    with pytest.raises(ValueError, match="num_seeds must be an integer >= 0"):
+        lp.UpgradeRecord(num_seeds=-1)
+
+
+def test_a_discriminator_is_copied_into_the_adapter_folder(tmp_path: Path) -> None:
+    disc = tmp_path / "disc"
+    model = lp.analysis.load_base("llama-micro-v1")
+    lp.LoRA(r=2).inject(model)
+    lp.save_adapter(model, disc)
+    lp.upgrade.set_record(model, task="sql", seeds=["Q?"], discriminator=str(disc))
+    folder = lp.save_adapter(model, tmp_path / "adapter")
+    record = read_record(folder)
+    assert record.discriminator == str(folder / "discriminator") and record.seeds == ["Q?"]
+    assert (folder / "discriminator" / "adapter_model.safetensors").read_bytes() == (disc / "adapter_model.safetensors").read_bytes()
+    lp.save_adapter(model, folder)  # replacing a folder that holds our record files is allowed
+
+
+# --------------------------------------------------------------------------- the agreement check by hand
+def test_text_similarity_by_hand() -> None:
+    assert text_similarity("abcd", "abce") == pytest.approx(2 * 3 / 8)  # SequenceMatcher: 2 * matches / total
+    assert text_similarity(" 7 + 5  = 12", "7 + 5 = 12") == 1.0  # whitespace is normalised
+    assert text_similarity("", "x") == 0.0
+    a, b = "The answer is 12", "The answer is 21"
+    assert text_similarity(a, b) == pytest.approx(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio())
+
+
+def test_agreement_of_a_model_with_itself_and_the_kl_by_hand() -> None:
+    from lightning_peft.analysis import load_base
+    from lightning_peft.zoo import load
+
+    model, tok = load("llama-micro-v1")
+    prompts = ["Question: Gur has 3 pens. How many pens does Gur have now?\nAnswer:", "Question: 2 + 2 ="]
+    same = agreement(model.eval(), tok, model, tok, prompts, max_new_tokens=5)
+    assert (same.agreement, same.exact, same.kl, same.inputs) == (1.0, 1.0, pytest.approx(0.0, abs=1e-7), 2)
+    other = load_base("llama-micro-v2")
+    completion = " 3 pens"
+    kl = completion_kl(model, other, tok, [prompts[0]], [completion])
+    p_ids = tok(prompts[0])["input_ids"]
+    c_ids = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + c_ids])
+    with torch.no_grad():
+        lp_ref = model(input_ids=ids).logits[0, len(p_ids) - 1 : -1].log_softmax(-1)
+        lp_new = other(input_ids=ids).logits[0, len(p_ids) - 1 : -1].log_softmax(-1)
+    expected = float((lp_ref.exp() * (lp_ref - lp_new)).sum(-1).mean())  # KL(ref || candidate) per completion token
+    assert kl == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="needs inputs"):
+        agreement(model, tok, model, tok, [])
+
+
+# --------------------------------------------------------------------------- route choice (stubbed scorer)
+@pytest.mark.parametrize(
+    ("scores", "route"),
+    [({"direct": 0.9, "translora": 0.95}, "direct"),  # the cheapest route that passes wins
+     ({"direct": 0.5, "translora": 0.85}, "translora"),
+     ({"direct": 0.5, "translora": 0.6}, "needs_data")],
+)
+def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeypatch, scores: dict, route: str) -> None:
+    tried = []
+
+    def candidate(name):
+        def build(folder, record, old, method, cfg, target, bases, synthetic):
+            tried.append(name)
+            model, tok = bases.adapted(cfg.new, folder)
+            return model, tok, model, folder
+        return build
+
+    monkeypatch.setattr(fleet_mod, "_ROUTES", {"direct": candidate("direct"), "translora": candidate("translora")})
+    monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]], 0.0, None, 1))
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == route and tried == (["direct"] if route == "direct" else ["direct", "translora"])
+    assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1} for r, s in scores.items() if r in tried}
+    if route == "needs_data":
+        assert row["output"] is None and "direct: agreement 0.500 < threshold 0.8" in row["reason"]
+    else:
+        config, _, meta = lp.adapter_io.read_adapter(row["output"])
+        assert meta["upgrade"]["route"] == route and meta["upgrade"]["agreement"] == scores[route]
+        new_base = lp.analysis.load_base("llama-micro-v2")
+        assert meta["base"]["weights_sha256"] == lp.base_fingerprint(new_base)["weights_sha256"]  # the new base's
+        assert read_record(row["output"]).seeds == read_record(fleet / "team-a" / "lora").seeds  # carried on
+
+
+def test_no_direct_route_across_families_and_no_check_without_seeds(fleet: Path, tmp_path: Path) -> None:
+    made = fleet_mod._direct(fleet / "team-a" / "lora", None, "llama-micro-v1", "lora",
+                             UpgradeConfig(adapters=".", new="qwen2-micro-v1"), tmp_path, fleet_mod._Bases(), None)
+    assert isinstance(made, str) and "does not fit the new base" in made
+    seedless = tmp_path / "fleet" / "private"
+    _train(seedless, lp.LoRA(r=2), num_seeds=0)
+    (row,) = upgrade_fleet(UpgradeConfig(adapters=str(tmp_path / "fleet"), new="llama-micro-v2", routes=["translora"],
+                                         out=str(tmp_path / "out")), progress=False)
+    assert row["route"] == "needs_data" and "carries no seed inputs" in row["reason"] and "num_seeds=5" in row["reason"]
+
+
+# --------------------------------------------------------------------------- the fleet: real routes, resume, refusals
+def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fleet: Path, tmp_path: Path) -> None:
+    root = _copy(fleet, tmp_path)
+    broken = root / "team-c" / "broken"
+    shutil.copytree(root / "team-a" / "lora", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    cfg = UpgradeConfig(adapters=str(root), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.0, **QUICK)
+    rows = upgrade_fleet(cfg, progress=False)
+    by_name = {r["adapter"]: r for r in rows}
+    assert list(by_name) == ["team-a__lora", "team-b__shira", "team-c__broken"]
+    assert by_name["team-c__broken"]["route"] == "failed" and "corrupted" in by_name["team-c__broken"]["reason"]
+    assert by_name["team-a__lora"]["route"] == by_name["team-b__shira"]["route"] == "direct"  # threshold 0: the first
+    assert 0.0 <= by_name["team-a__lora"]["agreement"] <= 1.0 and by_name["team-a__lora"]["scores"]["direct"]["kl"] >= 0
+    done = tmp_path / "out" / "team-a__lora" / "upgrade_done.json"
+    stamp = done.stat().st_mtime_ns
+    again = upgrade_fleet(cfg, progress=False)  # resume: finished adapters are skipped, the broken one retried
+    assert done.stat().st_mtime_ns == stamp and [r["route"] for r in again] == [r["route"] for r in rows]
+    assert again[0]["agreement"] == rows[0]["agreement"]
+    changed = UpgradeConfig(**{**cfg.__dict__, "threshold": 0.5})
+    with pytest.raises(UpgradeSettingsError, match=r"threshold: before 0.0 vs now 0.5"):
+        upgrade_fleet(changed, progress=False)
+
+
+def test_translora_route_trains_a_student_on_the_new_base(fleet: Path, tmp_path: Path) -> None:
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"], threshold=0.0,
+                        out=str(tmp_path / "out"), **QUICK)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == "translora" and set(row["scores"]) == {"translora"}
+    synthetic = lp.transfer.SyntheticSet.load(tmp_path / "out" / "lora" / "synthetic.jsonl")
+    assert len(synthetic.accepted) == 3 + 4  # the held-out inputs, then the student's training set
+    seeds = read_record(fleet / "team-a" / "lora").seeds
+    assert seeds[: len(synthetic.header["seeds"])] == synthetic.header["seeds"]  # the recorded seeds (those that fit)
+    config, tensors, meta = lp.adapter_io.read_adapter(row["output"])
+    old = lp.adapter_io.read_adapter(fleet / "team-a" / "lora")[1]
+    assert tensors.keys() == old.keys() and any(not torch.equal(tensors[k], old[k]) for k in old)  # a new adapter
+
+
+def test_shards_split_the_fleet(fleet: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(fleet_mod, "upgrade_adapter", lambda folder, cfg, target, bases: {"route": "direct"})
+    shards = [[r["adapter"] for r in upgrade_fleet(UpgradeConfig(adapters=str(fleet), new="llama-micro-v2", shard=i,
+                                                                  num_shards=2, out=str(tmp_path / str(i))),
+                                                    progress=False)] for i in (0, 1)]
+    assert shards == [["team-a__lora"], ["team-b__shira"]]
+    with pytest.raises(ValueError, match=r"shard must be in \[0, num_shards\)"):
+        UpgradeConfig(adapters=".", new="x", shard=2, num_shards=2)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_is_named_with_the_fix(fleet: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"adapters='.*nowhere' is not a folder"):
+        find_adapters(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no adapter folder .*lightning-peft train writes"):
+        find_adapters(tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown zoo model 'llama-v9'"):
+        upgrade_fleet(UpgradeConfig(adapters=str(fleet), new="llama-v9", out=str(tmp_path / "out")), progress=False)
+    with pytest.raises(ValueError, match=r"routes must be a non-empty list of \['direct', 'translora'\]"):
+        UpgradeConfig(adapters=".", new="x", routes=["retrain"])
+    with pytest.raises(ValueError, match=r"threshold is an agreement in \[0, 1\]"):
+        UpgradeConfig(adapters=".", new="x", threshold=2)
+
+
+# --------------------------------------------------------------------------- the command, as a user types it
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards(fleet: Path, tmp_path: Path) -> None:
+    quick = ["num_holdout=3", "num_synthetic=4", "max_new_tokens=6", "synthesis.generator_context=256",
+             "synthesis.max_new_tokens=24", "synthesis.generate_batch_size=8", "student.trainer_kwargs.max_steps=2",
+             "student.data_kwargs.batch_size=4"]
+    proc = _cli("upgrade", f"adapters={fleet}", "new=llama-micro-v2", "threshold=0.0", *quick,
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run" / "upgraded"
+    rows = json.loads((out / "upgrade_report.json").read_text())
+    assert [(r["adapter"], r["route"]) for r in rows] == [("team-a__lora", "direct"), ("team-b__shira", "direct")]
+    assert all({"adapter", "route", "agreement", "seconds", "output"} <= r.keys() for r in rows)
+    assert (out / "upgrade_report.csv").read_text().splitlines()[0].startswith("adapter,route,agreement,seconds,output")
+    assert "| team-a__lora | direct |" in (out / "upgrade_report.md").read_text()
+    assert (out / "upgrade_report.png").read_bytes()[:4] == b"\x89PNG" and "fleet upgrade" in proc.stdout
+    (run_file,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_offline_run(run_file)
+    key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
+    logged = {key(i): json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item}
+    assert logged["upgrade/report/_type"] == "table-file" and logged["upgrade/route/direct"] == 2
+    table = json.loads((run_file.parent / "files" / logged["upgrade/report/path"]).read_text())
+    assert [row[:2] for row in table["data"]] == [["team-a__lora", "direct"], ["team-b__shira", "direct"]]
+
+    # a sharded sweep (Hydra multirun), then the merged report
+    sweep = tmp_path / "sweep"
+    proc = _cli("upgrade", "-m", f"adapters={fleet}", "new=llama-micro-v2", "routes=[direct]", "threshold=0.0",
+                "shard=0,1", "num_shards=2", *quick, "logger=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["adapter"] for r in json.loads((sweep / "1" / "upgraded" / "upgrade_report.json").read_text())] == ["team-b__shira"]
+    proc = _cli("upgrade-report", str(sweep), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((sweep / "upgrade_report.json").read_text())
+    assert [r["adapter"] for r in merged] == ["team-a__lora", "team-b__shira"]
+    assert _cli("upgrade-report", str(tmp_path / "nothing"), cwd=tmp_path).returncode == 2
