@@ -141,9 +141,12 @@ def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeyp
     monkeypatch.setattr(fleet_mod, "_ROUTES", {"direct": candidate("direct"), "translora": candidate("translora")})
     monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]], 0.0, None, 1))
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8)
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8,
+                        keep_candidates=True)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == route and tried == (["direct"] if route == "direct" else ["direct", "translora"])
+    kept = sorted(p.name for p in (tmp_path / "out" / "lora" / "candidates").iterdir())
+    assert kept == sorted(tried)  # every scored candidate, taken or not
     assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1} for r, s in scores.items() if r in tried}
     if route == "needs_data":
         assert row["output"] is None and "direct: agreement 0.500 < threshold 0.8" in row["reason"]
@@ -256,10 +259,11 @@ def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards
     table = json.loads((run_file.parent / "files" / logged["upgrade/report/path"]).read_text())
     assert [row[:2] for row in table["data"]] == [["team-a__lora", "direct"], ["team-b__shira", "direct"]]
 
-    # a sharded sweep (Hydra multirun), then the merged report
+    # a sharded sweep (Hydra multirun, two parallel jobs under the joblib launcher plugin), then the merged report
     sweep = tmp_path / "sweep"
     proc = _cli("upgrade", "-m", f"adapters={fleet}", "new=llama-micro-v2", "routes=[direct]", "threshold=0.0",
-                "shard=0,1", "num_shards=2", *quick, "logger=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                "shard=0,1", "num_shards=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *quick, "logger=none",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["adapter"] for r in json.loads((sweep / "1" / "upgraded" / "upgrade_report.json").read_text())] == ["team-b__shira"]
     proc = _cli("upgrade-report", str(sweep), cwd=tmp_path)

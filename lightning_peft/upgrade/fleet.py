@@ -84,6 +84,8 @@ class UpgradeConfig:
         student: Trans-LoRA student: ``method`` (default: the adapter's own), ``method_kwargs``,
             ``module_kwargs``, ``trainer_kwargs``, ``data_kwargs``.
         max_new_tokens: Greedy budget of the agreement check.
+        keep_candidates: Also save every scored candidate, taken or not, to ``<out>/<name>/candidates/<route>``
+            (to inspect a rejected one, or to calibrate ``threshold`` against real test data).
         shard: This job's shard of the fleet, in ``[0, num_shards)`` (``None``: the whole fleet).
         num_shards: How many shards the fleet is split into.
         seed: Sampling seed.
@@ -101,6 +103,7 @@ class UpgradeConfig:
     synthesis: dict[str, Any] = field(default_factory=dict)
     student: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 64
+    keep_candidates: bool = False
     shard: int | None = None
     num_shards: int = 1
     seed: int = 0
@@ -290,6 +293,8 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, bases: _Base
         score = agreement(reference, ref_tok, candidate, cand_tok, inputs, reference_outputs=ref_outputs,
                           max_new_tokens=cfg.max_new_tokens)
         scores[route] = score.to_dict()
+        if cfg.keep_candidates:
+            _save(owner, adapter_source, target / "candidates" / route, route, score, record, cfg, old)
         if score.agreement >= cfg.threshold:
             output = _save(owner, adapter_source, target / "adapter", route, score, record, cfg, old)
             return {"route": route, "agreement": score.agreement, "scores": scores, "method": method, "old": old,
