@@ -1,0 +1,213 @@
+"""A fleet upgrade on the zoo: which route each adapter gets, how good it is on real test data, and the threshold.
+
+1. **Fleet**: ``lightning-peft train experiment=translora_source`` for 3 tasks x {LoRA, SHiRA} x seeds on
+   llama-v1 (each adapter carries its seeds and discriminator, as every ``lightning-peft train`` adapter does).
+2. **Fine-tune_n**: the same adapters retrained with the real data on each new base (the upper bound).
+3. **Upgrade**: ``lightning-peft upgrade adapters=<fleet> new=<target> keep_candidates=true threshold=1.0`` per
+   target (llama-v2, llama-v2-major, qwen2-v1): every route is scored and every candidate kept.
+4. **Real test accuracy** of every candidate, the bare target and Fine-tune_n (token accuracy and loss).
+5. **Calibration**: the agreement threshold above which candidates keep >= ``--goal`` of the source
+   adapter's token accuracy; then the routes the fleet gets at that threshold.
+
+Writes ``benchmarks/results/upgrade_fleet.{json,md,png}``. Reruns continue (every step is cached in ``--work``).
+
+    python benchmarks/upgrade_fleet.py                          # the full fleet (hours on 2 CPU cores)
+    python benchmarks/upgrade_fleet.py --tasks data2text --methods lora --seeds 0 --targets llama-v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def cli(*args: str) -> None:
+    print("+ lightning-peft", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "lightning_peft.cli", *args], check=True)
+
+
+def train(run_dir: Path, *overrides: str) -> dict[str, Any]:
+    """``lightning-peft train`` into ``run_dir`` unless it finished there; returns its results.json."""
+    if not (run_dir / "results.json").is_file():
+        cli("train", *overrides, "logger=csv", "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def evaluate(adapter: Path | None, base: str, task: str, num_test: int, cache: Path) -> dict[str, float]:
+    """Real test loss / token accuracy of ``adapter`` on ``base`` (``None``: the bare base); cached as JSON."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import lightning as L
+
+    import lightning_peft as lp
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.tasks import get_task
+
+    module = CausalLMModule(base, max_new_tokens=8)
+    module.configure_model()
+    if adapter is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lp.BaseModelMismatchWarning)
+            lp.load_adapter(module, adapter)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    (metrics,) = trainer.test(module, get_task(task, tokenizer=base, num_train=8, num_val=0, num_test=num_test), verbose=False)
+    out = {"loss": float(metrics["test/loss"]), "token_acc": float(metrics["test/token_acc"])}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def calibrate(points: list[dict[str, Any]], goal: float) -> float:
+    """Smallest agreement threshold above which every candidate keeps >= ``goal`` of its source's token accuracy."""
+    for t in sorted({round(p["agreement"], 3) for p in points}):
+        above = [p for p in points if p["agreement"] >= t]
+        if above and all(p["relative_acc"] >= goal for p in above):
+            return t
+    return 1.0
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="arithmetic,data2text,sql")
+    parser.add_argument("--methods", default="lora,shira")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--targets", default="llama-v2,llama-v2-major,qwen2-v1")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--num-train", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=128)
+    parser.add_argument("--goal", type=float, default=0.9, help="relative token accuracy a taken route must keep")
+    parser.add_argument("--upgrade", nargs="*", default=[], help="extra `lightning-peft upgrade` overrides")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "upgrade_fleet")
+    parser.add_argument("--out", type=Path, default=RESULTS / "upgrade_fleet")
+    args = parser.parse_args()
+    tasks, methods, targets = args.tasks.split(","), args.methods.split(","), args.targets.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    common = [f"trainer.max_steps={args.steps}", f"task.num_train={args.num_train}", f"task.num_test={args.num_test}"]
+    fleet = args.work / "fleet"
+    sources: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        for method in methods:
+            for seed in seeds:
+                name = f"{task}-{method}-s{seed}"
+                r = train(fleet / name, "experiment=translora_source", f"task={task}", f"method={method}", f"seed={seed}",
+                          *common)
+                sources[name] = {"task": task, "method": method, "seed": seed, "acc": r["metrics"]["test/token_acc"],
+                                 "loss": r["metrics"]["test/loss"]}
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        model = "qwen2" if target.startswith("qwen2") else "llama"
+        upgrade_dir = args.work / "upgrade" / target
+        if not (upgrade_dir / "upgraded" / "upgrade_report.json").is_file():
+            cli("upgrade", f"adapters={fleet}", f"new={target}", "keep_candidates=true", "threshold=1.0", "logger=csv",
+                *args.upgrade, f"hydra.run.dir={upgrade_dir}")
+        report = {r["adapter"]: r for r in json.loads((upgrade_dir / "upgraded" / "upgrade_report.json").read_text())}
+        for name, src in sources.items():
+            task = src["task"]
+            row = {"adapter": name, "target": target, **src, "seconds": report[f"{name}__adapter"]["seconds"]}
+            bare = evaluate(None, target, task, args.num_test, args.work / "eval" / target / f"bare-{task}.json")
+            fine = train(args.work / "fine_tune_n" / target / name, f"model={model}", f"model.name_or_path={target}",
+                         f"task={task}", f"method={src['method']}", f"seed={src['seed']}", *common)
+            row.update(bare_acc=bare["token_acc"], fine_tune_n_acc=fine["metrics"]["test/token_acc"])
+            for route, score in report[f"{name}__adapter"].get("scores", {}).items():
+                cand = upgrade_dir / "upgraded" / f"{name}__adapter" / "candidates" / route
+                real = evaluate(cand, target, task, args.num_test, args.work / "eval" / target / f"{name}-{route}.json")
+                row[route] = {**score, "acc": real["token_acc"], "loss": real["loss"],
+                              "relative_acc": real["token_acc"] / src["acc"]}
+            rows.append(row)
+    points = [{"agreement": r[route]["agreement"], "relative_acc": r[route]["relative_acc"], "route": route,
+               "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
+    threshold = calibrate(points, args.goal)
+    for r in rows:  # the routing at the calibrated threshold: the first route that passes, else needs data
+        taken = next((route for route in ("direct", "translora") if route in r and r[route]["agreement"] >= threshold),
+                     None)
+        r["route"] = taken or "needs_data"
+        r["route_acc"] = r[taken]["acc"] if taken else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"threshold": threshold, "goal": args.goal, "rows": rows,
+                                                        "points": points}, indent=2))
+    text = markdown(rows, points, threshold, args.goal)
+    args.out.with_suffix(".md").write_text(text)
+    plot(rows, points, threshold, args.out.with_suffix(".png"))
+    print(text)
+
+
+def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, goal: float) -> str:
+    lines = ["# Fleet upgrade on the zoo (`python benchmarks/upgrade_fleet.py`)", "",
+             f"Calibrated threshold: agreement >= {threshold} (every candidate above it keeps >= {goal} of its source "
+             f"adapter's token accuracy; {len(points)} candidates).", "",
+             "Token accuracy on the target's real test split, mean ± std over seeds:", "",
+             "| target | task | method | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
+             "Fine-tune_n | routes (direct / translora / needs data) | agreement direct / translora | s per adapter |",
+             "|" + "---|" * 12]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["task"], r["method"]), []).append(r)
+    for (target, task, method), rs in groups.items():
+        def vals(route: str, key: str) -> list[float]:
+            return [r[route][key] for r in rs if route in r]
+        counts = "/".join(str(sum(r["route"] == k for r in rs)) for k in ("direct", "translora", "needs_data"))
+        taken = [r["route_acc"] for r in rs if r["route_acc"] is not None]
+        lines.append(f"| {target} | {task} | {method} | {_pm([r['acc'] for r in rs])} | {_pm([r['bare_acc'] for r in rs])} | "
+                     f"{_pm(vals('direct', 'acc'))} | {_pm(vals('translora', 'acc'))} | {_pm(taken)} | "
+                     f"{_pm([r['fine_tune_n_acc'] for r in rs])} | {counts} | {_pm(vals('direct', 'agreement'))} / "
+                     f"{_pm(vals('translora', 'agreement'))} | {_pm([r['seconds'] for r in rs])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {"llama-v2": "o", "llama-v2-major": "s", "qwen2-v1": "^"}
+    for route, colour in (("direct", "tab:green"), ("translora", "tab:blue")):
+        for target, marker in markers.items():
+            pts = [p for p in points if p["route"] == route and p["target"] == target]
+            ax.scatter([p["agreement"] for p in pts], [p["relative_acc"] for p in pts], c=colour, marker=marker,
+                       label=f"{route} -> {target}", alpha=0.7)
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold}")
+    ax.set_xlabel("data-free agreement with old base + old adapter")
+    ax.set_ylabel("real test token accuracy / source adapter's")
+    ax.set_title("calibration: agreement vs real accuracy")
+    ax.legend(fontsize=6)
+    labels, series = [], {k: [] for k in ("bare", "direct", "translora", "fine_tune_n")}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        for task in dict.fromkeys(r["task"] for r in rows):
+            rs = [r for r in rows if r["target"] == target and r["task"] == task]
+            labels.append(f"{target}\n{task}")
+            series["bare"].append(statistics.fmean(r["bare_acc"] for r in rs))
+            series["fine_tune_n"].append(statistics.fmean(r["fine_tune_n_acc"] for r in rs))
+            for route in ("direct", "translora"):
+                v = [r[route]["acc"] for r in rs if route in r]
+                series[route].append(statistics.fmean(v) if v else 0.0)
+    width = 0.2
+    for i, (key, values) in enumerate(series.items()):
+        bx.bar([x + (i - 1.5) * width for x in range(len(labels))], values, width, label=key)
+    bx.set_xticks(range(len(labels)), labels, fontsize=6)
+    bx.set_ylabel("real test token accuracy")
+    bx.set_title("routes vs bare target and Fine-tune_n (mean over methods and seeds)")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
