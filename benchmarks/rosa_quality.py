@@ -53,6 +53,8 @@ def budgets(shapes: list[tuple[int, int]]) -> dict[str, dict]:
     return {
         "lora": {"method": "lora", "method.r": r_lora},
         "rosa": {"method": "rosa", "method.r": R_ROSA, "method.density": D_ROSA},
+        # S at the module's lr instead of the default 2/7 of it (the paper's 2e-4 : 7e-4)
+        "rosa, S at full lr": {"method": "rosa", "method.r": R_ROSA, "method.density": D_ROSA, "method.sparse_lr_ratio": 1.0},
         "sparse-only": {"method": "rosa_sparse", "method.density": d_sparse},
     }
 

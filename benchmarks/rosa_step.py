@@ -32,9 +32,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import append_rows, peak_memory, row, time_fn  # noqa: E402
 
+from lightning_peft.methods._sparse import random_mask  # noqa: E402
 from lightning_peft.methods.rosa.config import RosaConfig  # noqa: E402
 from lightning_peft.methods.rosa.layer import RosaLayer  # noqa: E402
-from lightning_peft.sparse_delta import random_mask  # noqa: E402
 
 BENCH = "rosa_step"
 R, DENSITY = 16, 0.006  # the paper's ViGGO setting

@@ -1,16 +1,17 @@
-"""Sparse-delta ops vs the dense baselines a user would otherwise pick (methods.md section 5).
+"""Sparse-delta ops vs the dense baselines a user would otherwise pick, through the layer users train.
 
 For each weight shape ``(out, in)``, token count ``T`` and density ``d`` (random masks):
 
 * ``sddmm``: ``dS`` by SDDMM vs the dense ``dO^T X`` GEMM (the ``dW`` HF shira forms), and vs
-  ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA) where it runs. Target (section 5): <= 0.4x
-  the dense GEMM at 1%, <= 0.8x at 2%; the crossover sets ``DENSE_FALLBACK_DENSITY``.
-* ``forward``: ``SparseDelta`` forward (in-place ``W[idx] += S``, GEMM, restore) vs ``F.linear``.
+  ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA) where it runs. Target: <= 0.4x
+  the dense GEMM at 1%, <= 0.8x at 2% (RoSA's spops kernels' range); the crossover sets ``DENSE_FALLBACK_DENSITY``.
+* ``forward``: the SHiRA layer's forward (the sparse core shared with RoSA: in-place ``W[idx] += S``,
+  GEMM, restore) vs ``F.linear``.
 * ``scatter_add``: in-place add of the delta vs a dense ``W += delta``, with GB/s on the bytes
   actually touched (sectors holding a nonzero, read + write, plus index/values/saved copy).
-* ``train_step_ms_vs_dense_fallback``: forward + backward (dX and dS) through ``SparseDelta``'s
-  sparse path vs its dense GEMM + gather fallback; the crossover sets ``DENSE_FALLBACK_DENSITY``.
-* ``train_step`` (d = 1% only): forward + backward through ``SparseDelta`` vs peft's ``shira``
+* ``train_step_ms_vs_dense_fallback``: forward + backward (dX and dS) through the layer's sparse
+  path vs its dense GEMM + gather fallback; the crossover sets ``DENSE_FALLBACK_DENSITY``.
+* ``train_step`` (d = 1% only): forward + backward through our SHiRA layer vs peft's ``shira``
   layer at the same ``nnz = r * (out + in)``, time and peak memory (exact on CPU too: replayed
   from the allocator's records, see ``harness.peak_memory``).
 
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import append_rows, device_name, gbps, peak_memory, row, tflops, time_fn  # noqa: E402
 from lightning_peft.kernels import SparseIndex, scatter_add, sddmm, sddmm_reference  # noqa: E402
 
-from lightning_peft.sparse_delta import SparseDelta, random_mask  # noqa: E402
+import lightning_peft as lp  # noqa: E402
+from lightning_peft.methods._sparse import DENSE_FALLBACK_DENSITY, random_mask  # noqa: E402
 
 BENCH = "sparse_ops"
 DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -77,6 +79,18 @@ def _shira(out_f: int, in_f: int, r: int, dtype: torch.dtype, device: str) -> nn
     return get_peft_model(model, ShiraConfig(r=r, target_modules=["0"], random_seed=0))
 
 
+def _shira_layer(out_f: int, in_f: int, index: SparseIndex, device: str, dtype: torch.dtype, **kwargs) -> nn.Module:
+    """Our SHiRA layer (``lp.SHiRA`` injected into one ``nn.Linear``) holding ``index`` with small random values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
+    lp.SHiRA(mask="random", target_modules=["0"], **kwargs).inject(net)
+    layer = net[0]
+    layer.set_mask("default", index.to("cpu"))
+    with torch.no_grad():
+        layer.shira_weight["default"].normal_(0, 0.01)
+    return layer.to(device, dtype)
+
+
 def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torch.dtype, warmup: int,
                repeats: int) -> list[list]:
     g = torch.Generator().manual_seed(0)
@@ -102,12 +116,10 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
         rows.append(row(BENCH, case, "sddmm_ms_vs_reference", t_sddmm * 1e3, t_ref * 1e3, device))
 
     # forward: in-place merge + GEMM + restore vs plain F.linear
-    torch.manual_seed(0)
-    layer = SparseDelta(nn.Linear(in_f, out_f, bias=False), index).to(device)
-    layer.base_layer.to(dtype)
+    layer = _shira_layer(out_f, in_f, index, device, dtype, density=d)
+    values = layer.shira_weight["default"]
     with torch.no_grad():
-        layer.values.normal_(0, 0.01)
-        w = layer.base_layer.weight
+        w = layer.get_base_layer().weight
         t_fwd = tm(lambda: layer(x))
         t_lin = tm(lambda: F.linear(x, w))
     rows.append(row(BENCH, case, "forward_ms_vs_F.linear", t_fwd * 1e3, t_lin * 1e3, device))
@@ -117,10 +129,15 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
     dy = torch.randn(t, out_f, generator=g).to(device, dtype)
     xg = x.detach().requires_grad_()  # dX as well: a layer inside a network
 
+    kind = torch.device(device).type
+
     def step(fallback: float) -> None:
-        layer.dense_fallback_density = fallback
-        layer(xg).backward(dy)
-        layer.values.grad = xg.grad = None
+        saved, DENSE_FALLBACK_DENSITY[kind] = DENSE_FALLBACK_DENSITY.get(kind), fallback
+        try:
+            layer(xg).backward(dy)
+        finally:
+            DENSE_FALLBACK_DENSITY[kind] = saved
+        values.grad = xg.grad = None
 
     t_sparse = tm(lambda: step(1.0))
     t_fallback = tm(lambda: step(0.0))
@@ -128,8 +145,8 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
 
     # scatter_add into a copy of W vs a dense W += delta
     w2 = w.detach().clone()
-    vals = layer.values.detach()
-    delta = layer.delta_weight().to(dtype)
+    vals = values.detach()
+    delta = layer.get_delta_weight("default").detach().to(dtype)
     t_sc = tm(lambda: scatter_add(w2, index, vals, 1e-6))
     t_dm = tm(lambda: w2.add_(delta, alpha=1e-6))
     rows.append(row(BENCH, case, "scatter_add_ms_vs_dense_add", t_sc * 1e3, t_dm * 1e3, device))
@@ -142,7 +159,7 @@ def bench_case(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torc
 
 def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dtype, warmup: int,
                      repeats: int) -> list[list]:
-    """Forward + backward, SparseDelta vs peft shira, at shira's nnz = r * (out + in) ~ 1%."""
+    """Forward + backward, our SHiRA layer vs peft's shira layer, at shira's nnz = r * (out + in) ~ 1%."""
     r = max(1, round(0.01 * out_f * in_f / (out_f + in_f)))
     nnz = r * (out_f + in_f)
     d = nnz / (out_f * in_f)
@@ -152,8 +169,7 @@ def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dt
     dy = torch.randn(t, out_f, generator=g).to(device, dtype)
     torch.manual_seed(0)
     flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
-    ours = SparseDelta(nn.Linear(in_f, out_f, bias=False), SparseIndex.from_flat(flat, (out_f, in_f))).to(device)
-    ours.base_layer.to(dtype)
+    ours = _shira_layer(out_f, in_f, SparseIndex.from_flat(flat.sort().values, (out_f, in_f)), device, dtype, r=r)
     shira = _shira(out_f, in_f, r, dtype, device)
     rows: list[list] = []
 

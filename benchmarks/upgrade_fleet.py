@@ -158,7 +158,7 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
     for r in rows:
         groups.setdefault((r["target"], r["task"], r["method"]), []).append(r)
     for (target, task, method), rs in groups.items():
-        def vals(route: str, key: str) -> list[float]:
+        def vals(route: str, key: str, rs: list = rs) -> list[float]:
             return [r[route][key] for r in rs if route in r]
         counts = "/".join(str(sum(r["route"] == k for r in rs)) for k in ("direct", "translora", "needs_data"))
         taken = [r["route_acc"] for r in rs if r["route_acc"] is not None]

@@ -35,14 +35,12 @@ if __name__ == "lightning_peft.kernels":
     from lightning_peft.kernels.sddmm import sddmm, sddmm_reference, sddmm_sampled_addmm
     from lightning_peft.kernels.sparse_index import SparseIndex
     from lightning_peft.kernels.sparse_linear import (
-        SparseDeltaLinearFunction,
         merged_weight,
         sparse_delta_linear,
         sparse_delta_linear_reference,
     )
 
     __all__ = [
-        "SparseDeltaLinearFunction",
         "SparseIndex",
         "merged_weight",
         "scatter_add",

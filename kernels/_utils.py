@@ -2,8 +2,12 @@
 
 The rule (one place, every op follows it):
 
-* ``use_triton=None`` (default): Triton when every tensor is on CUDA, the PyTorch reference
-  otherwise (CPU tensors, or Triton not importable).
+* ``use_triton=None`` (default): the environment's ``LIGHTNING_PEFT_KERNELS`` (``auto``, the
+  default; ``torch``: always the reference; ``triton``: as ``use_triton=True``). ``auto``: Triton
+  when every tensor is on CUDA and the kernel passed its self-check on that device, the PyTorch
+  reference otherwise (CPU tensors, Triton not importable, or a kernel that failed to compile or
+  disagreed with its reference on a small input: warned once, naming kernel, device and Triton
+  version, so a training run never crashes on a kernel problem).
 * ``use_triton=True``: Triton, or a ``RuntimeError`` that says why not. On CPU tensors this
   only works in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
   **before** ``triton`` is first imported: ``@triton.jit`` reads the variable when the
@@ -15,6 +19,9 @@ The rule (one place, every op follows it):
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,13 +38,77 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 
 __all__ = [
     "HAS_TRITON",
+    "KernelFallbackWarning",
     "cast_rtne",
     "interpreter_ready",
     "is_interpreted",
+    "kernel_mode",
+    "kernel_verified",
+    "register_self_check",
     "should_use_triton",
     "tl",
     "triton",
 ]
+
+KERNELS_ENV = "LIGHTNING_PEFT_KERNELS"
+_MODES = {"auto": None, "torch": False, "triton": True}
+_SELF_CHECKS: dict[int, tuple[str, Callable[[torch.device], bool]]] = {}  # id(kernel) -> (name, check)
+_VERIFIED: dict[tuple[int, str], bool] = {}  # (id(kernel), device) -> passed
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed its self-check on a device; the PyTorch path runs instead."""
+
+
+def kernel_mode() -> bool | None:
+    """``LIGHTNING_PEFT_KERNELS`` as a ``use_triton`` value: ``auto`` -> ``None``, ``torch`` -> ``False``,
+    ``triton`` -> ``True``.
+
+    Raises:
+        ValueError: another value (the message lists the three).
+    """
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{KERNELS_ENV} must be auto, torch or triton, got {value!r}; unset it for auto")
+    return _MODES[value]
+
+
+def register_self_check(kernel: Any, name: str, check: Callable[[torch.device], bool]) -> None:
+    """Register ``check(device) -> bool``: run the Triton launcher and the reference on a small input on
+    ``device`` and say whether they agree (exceptions count as failure)."""
+    if kernel is not None:
+        _SELF_CHECKS[id(kernel)] = (name, check)
+
+
+def kernel_verified(kernel: Any, device: torch.device) -> bool:
+    """Whether ``kernel`` passed its self-check on ``device`` (run once per kernel and device, then cached).
+
+    Warns:
+        KernelFallbackWarning: once, when it failed (the error, the kernel, the device, Triton's version).
+    """
+    key = (id(kernel), str(device))
+    if key not in _VERIFIED:
+        name, check = _SELF_CHECKS.get(id(kernel), (getattr(kernel, "__name__", "kernel"), lambda d: True))
+        try:
+            ok, why = bool(check(device)), "its result differs from the PyTorch reference"
+        except Exception as err:  # noqa: BLE001  (any compile/launch failure means: use the reference)
+            ok, why = False, f"{type(err).__name__}: {err}"
+        _VERIFIED[key] = ok
+        if not ok:
+            version = getattr(triton, "__version__", "not importable")
+            warnings.warn(
+                f"lightning-peft: the Triton kernel {name} failed its self-check on {device} (triton {version}): "
+                f"{why}. Using the PyTorch path for it on this device; set {KERNELS_ENV}=torch to silence this, "
+                f"or {KERNELS_ENV}=triton to force the kernel.",
+                KernelFallbackWarning,
+                stacklevel=3,
+            )
+    return _VERIFIED[key]
+
+
+def _auto_eligible(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """``auto`` considers Triton for these tensors (all on CUDA)."""
+    return all(t.is_cuda for t in tensors)
 
 
 def is_interpreted(kernel: Any) -> bool:
@@ -64,7 +135,8 @@ def should_use_triton(kernel: Any, *tensors: torch.Tensor, use_triton: bool | No
         kernel: The module-level ``@triton.jit`` kernel the launcher would run (``None``
             when Triton is not importable).
         *tensors: Every tensor the kernel would read or write.
-        use_triton: ``None`` (auto: CUDA -> Triton), ``True`` (force) or ``False`` (reference).
+        use_triton: ``None`` (``LIGHTNING_PEFT_KERNELS``, default auto: CUDA and a passed
+            self-check -> Triton), ``True`` (force) or ``False`` (reference).
 
     Returns:
         ``True`` to launch the Triton kernel, ``False`` to run the reference.
@@ -72,11 +144,15 @@ def should_use_triton(kernel: Any, *tensors: torch.Tensor, use_triton: bool | No
     Raises:
         RuntimeError: ``use_triton=True`` but Triton cannot run on these tensors.
     """
+    if use_triton is None:
+        use_triton = kernel_mode()
     if use_triton is False:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if use_triton is None:
-        return HAS_TRITON and kernel is not None and on_cuda
+        if not (HAS_TRITON and kernel is not None and _auto_eligible(tensors)):
+            return False
+        return kernel_verified(kernel, tensors[0].device)
     if not HAS_TRITON or kernel is None:
         raise RuntimeError(
             "use_triton=True but triton is not importable; install triton>=3.0 or pass use_triton=None."

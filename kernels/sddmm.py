@@ -6,7 +6,7 @@ For ``y = x (W + S)^T`` with ``S`` nonzero at ``(row[k], col[k])``::
 
 with ``dO`` ``(..., out)`` and ``X`` ``(..., in)``, leading dims flattened to ``T``.
 
-Cost (methods.md section 5). The dense ``dW = dO^T X`` is ``2 T out in`` FLOPs and writes
+Cost (RoSA, Nikdan et al. 2024, arXiv 2401.04679: dS by SDDMM; kernels IST-DASLab/spops). The dense ``dW = dO^T X`` is ``2 T out in`` FLOPs and writes
 ``out * in`` values; HF PEFT's shira computes it and then gathers. SDDMM needs ``2 T nnz`` FLOPs
 (``d`` times the dense GEMM) and writes ``nnz`` values. The kernel below is element-parallel on
 CUDA cores (tensor cores do not help an unstructured mask: at d = 1% 92% of 16x16 blocks are
@@ -20,7 +20,7 @@ Off CUDA the op runs :func:`sddmm_sampled_addmm` (``torch.sparse.sampled_addmm``
 dense GEMM's time on CPU at 0.5-5%, ``benchmarks/sparse_ops.py``); :func:`sddmm_reference` stays
 the test oracle. The switch
 to "dense GEMM + gather" above a measured density lives in
-:class:`lightning_peft.sparse_delta.SparseDelta` (``DENSE_FALLBACK_DENSITY``).
+:meth:`lightning_peft.methods._sparse.core.SparseDeltaCore.sparse_linear` (``DENSE_FALLBACK_DENSITY``).
 
 Not done yet (documented so it is not mistaken for a tuned kernel): grouping a row's nonzeros
 so ``dO[:, row]`` is loaded once into registers. ``BLOCK_*`` are defaults, not the result of a
@@ -32,7 +32,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from lightning_peft.kernels._utils import HAS_TRITON, cast_rtne, should_use_triton, tl, triton
+from lightning_peft.kernels._utils import (
+    HAS_TRITON,
+    cast_rtne,
+    register_self_check,
+    should_use_triton,
+    tl,
+    triton,
+)
 from lightning_peft.kernels.sparse_index import SparseIndex
 
 __all__ = ["sddmm", "sddmm_reference", "sddmm_sampled_addmm"]
@@ -186,6 +193,18 @@ def _sddmm_launch(
     return out
 
 
+def _self_check(device: torch.device) -> bool:
+    """The launcher against the reference on a (9, 7) x (9, 5) fp32 problem with 6 positions: close?"""
+    g = torch.Generator().manual_seed(0)
+    grad_out, x = torch.randn(9, 7, generator=g).to(device), torch.randn(9, 5, generator=g).to(device)
+    index = SparseIndex.from_flat(torch.tensor([0, 4, 11, 17, 23, 34]), (7, 5)).to(device)
+    return torch.allclose(_sddmm_launch(grad_out, x, index, torch.float32),
+                          sddmm_reference(grad_out, x, index, torch.float32), rtol=1e-4, atol=1e-5)
+
+
+register_self_check(_sddmm_kernel, "sddmm (lightning_peft.kernels.sddmm)", _self_check)
+
+
 def sddmm(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -202,7 +221,7 @@ def sddmm(
         x: ``(..., in)`` with the same leading dims (flattened to ``T``).
         index: ``nnz`` positions into the ``(out, in)`` weight (``nnz = 0`` gives ``(0,)``).
         out_dtype: dtype of the result; fp32 by default (accumulation is fp32 regardless).
-            :class:`~lightning_peft.kernels.sparse_linear.SparseDeltaLinearFunction` passes the
+            :func:`~lightning_peft.kernels.sparse_linear.sparse_delta_linear` passes the
             values' dtype.
         use_triton: ``None`` auto (CUDA -> Triton), ``True`` force Triton, ``False``
             :func:`sddmm_sampled_addmm` (also the path for CPU tensors and fp64).

@@ -1,6 +1,6 @@
 """Sparse-delta linear: ``y = x (W + S)^T + b`` with ``W`` frozen and only ``S``'s values trained.
 
-RoSA (methods.md section 3) materialises ``W + S`` by scattering ``S`` into a **copy** of ``W``
+RoSA (Nikdan et al. 2024, arXiv 2401.04679, section 3) materialises ``W + S`` by scattering ``S`` into a **copy** of ``W``
 and runs one dense GEMM; that copy costs ~2x the weight bytes (read ``W``, write the copy) plus
 an ``out * in`` temporary per layer. Here the merge is done **in place** and undone exactly::
 
@@ -20,6 +20,14 @@ Backward (``dO`` ``(..., out)``):
   ``dW``, which is never formed;
 * no ``dW`` (``W`` is frozen); ``db = sum_t dO`` when the bias needs a gradient.
 
+Under autocast (Lightning's ``bf16-mixed`` / ``16-mixed``) both GEMMs run in the autocast dtype (as
+``F.linear`` would); ``dX`` comes back in ``x``'s dtype and ``dS`` is computed from ``dO`` cast to
+``x``'s dtype.
+
+The op is three ``torch.library`` custom ops (forward, ``dX``, ``dS``) with a registered autograd
+formula: ``torch.compile`` sees each as one opaque node, so a compiled model trains through the
+sparse layers without a graph break (the in-place merge never reaches inductor).
+
 The in-place merge writes through ``weight.data`` so autograd's version counter of ``W`` is not
 bumped: every observer sees the same bits before and after the op. Not safe if another
 thread/stream reads ``W`` while the op runs.
@@ -38,7 +46,6 @@ from lightning_peft.kernels.sddmm import sddmm
 from lightning_peft.kernels.sparse_index import SparseIndex
 
 __all__ = [
-    "SparseDeltaLinearFunction",
     "merged_weight",
     "sparse_delta_linear",
     "sparse_delta_linear_reference",
@@ -94,42 +101,81 @@ def merged_weight(
         scatter_restore(w, index, saved, use_triton=use_triton)
 
 
-class SparseDeltaLinearFunction(torch.autograd.Function):
-    """Autograd function of :func:`sparse_delta_linear` (in-place merge, SDDMM backward)."""
+def _tri(flag: int) -> bool | None:
+    return None if flag < 0 else bool(flag)  # custom-op schemas take an int: -1 auto, 0 reference, 1 Triton
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        values: torch.Tensor,
-        bias: torch.Tensor | None,
-        index: SparseIndex,
-        use_triton: bool | None,
-    ) -> torch.Tensor:
-        with merged_weight(weight, index, values, use_triton=use_triton) as w:
-            y = F.linear(x, w, bias)  # (..., out)
-        ctx.save_for_backward(x, weight, values)
-        ctx.index = index
-        ctx.use_triton = use_triton
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, values = ctx.saved_tensors
-        index: SparseIndex = ctx.index
-        grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            with merged_weight(weight, index, values, use_triton=ctx.use_triton) as w:
-                grad_x = grad_out.matmul(w)  # (..., out) @ (out, in) -> (..., in)
-        if ctx.needs_input_grad[2]:
-            grad_values = sddmm(
-                grad_out, x, index, out_dtype=values.dtype, use_triton=ctx.use_triton
-            )  # (nnz,)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
-        return grad_x, None, grad_values, grad_bias, None, None
+@torch.library.custom_op("lightning_peft::sparse_delta_linear", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+    bias: torch.Tensor | None, compute_dtype: torch.dtype, use_triton: int,
+) -> torch.Tensor:
+    """``x (W + S)^T + b`` with the GEMM in ``compute_dtype``; ``W`` is merged in place and restored, so the op
+    is functional from the outside (``torch.compile`` treats it as one opaque node: no graph break, no
+    view-mutation for inductor to trace)."""
+    index = SparseIndex(row, col, (weight.shape[0], weight.shape[1]))
+    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w, torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+
+
+@_forward_op.register_fake
+def _(x, weight, values, row, col, bias, compute_dtype, use_triton):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=compute_dtype)
+
+
+@torch.library.custom_op("lightning_peft::sparse_delta_linear_dx", mutates_args=())
+def _grad_x_op(
+    grad_out: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+    x_dtype: torch.dtype, use_triton: int,
+) -> torch.Tensor:
+    """``dX = dO (W + S)`` with the same in-place merge, in ``dO``'s dtype, returned in ``x_dtype``."""
+    index = SparseIndex(row, col, (weight.shape[0], weight.shape[1]))
+    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w, torch.autocast(
+        grad_out.device.type, enabled=False
+    ):
+        return grad_out.matmul(w.to(grad_out.dtype)).to(x_dtype)  # (..., out) @ (out, in) -> (..., in)
+
+
+@_grad_x_op.register_fake
+def _(grad_out, weight, values, row, col, x_dtype, use_triton):  # noqa: ANN001, ANN202
+    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]), dtype=x_dtype)
+
+
+@torch.library.custom_op("lightning_peft::sddmm", mutates_args=())
+def _grad_values_op(
+    grad_out: torch.Tensor, x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: int, inp: int,
+    values_dtype: torch.dtype, use_triton: int,
+) -> torch.Tensor:
+    """``dS = (dO^T X)[row, col]`` by SDDMM, ``dO`` cast to ``x``'s dtype, returned in ``values_dtype``."""
+    return sddmm(grad_out.to(x.dtype), x, SparseIndex(row, col, (out, inp)), out_dtype=values_dtype,
+                 use_triton=_tri(use_triton))
+
+
+@_grad_values_op.register_fake
+def _(grad_out, x, row, col, out, inp, values_dtype, use_triton):  # noqa: ANN001, ANN202
+    return row.new_empty(row.shape, dtype=values_dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, values, row, col, bias, compute_dtype, use_triton = inputs
+    ctx.save_for_backward(x, weight, values, row, col)
+    ctx.has_bias, ctx.bias_dtype, ctx.use_triton = bias is not None, None if bias is None else bias.dtype, use_triton
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, values, row, col = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_x_op(grad_out, weight, values, row, col, x.dtype, ctx.use_triton)
+    if ctx.needs_input_grad[2]:
+        grad_values = _grad_values_op(grad_out, x, row, col, weight.shape[0], weight.shape[1], values.dtype,
+                                      ctx.use_triton)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
+    return grad_x, None, grad_values, None, None, grad_bias, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sparse_delta_linear(
@@ -173,4 +219,7 @@ def sparse_delta_linear(
             "weight, but weight.requires_grad is True; freeze it (weight.requires_grad_(False)) or use "
             "sparse_delta_linear_reference for a dense weight gradient."
         )
-    return SparseDeltaLinearFunction.apply(x, weight, values, bias, index, use_triton)
+    device = x.device.type  # autocast (bf16-mixed, 16-mixed): the GEMMs run in its dtype, as F.linear's would
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    flag = -1 if use_triton is None else int(use_triton)
+    return _forward_op(x, weight, values, index.row, index.col, bias, compute_dtype, flag)

@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from transformers import PreTrainedModel
 from lightning_peft.atomic import atomic_directory
 from lightning_peft.callback import activate_all_adapters, adapter_names
 from lightning_peft.checkpointing import adapter_key_prefixes, install_adapter_only_state_dict
+from lightning_peft.registry import spec_for_peft_type
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -258,18 +258,6 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
             del model.peft_config
 
 
-_INJECTION_CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {}
-
-
-def register_injection_context(peft_type: str, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
-    """Have :func:`load_adapter` inject folders of ``peft_type`` inside ``factory()``.
-
-    A method whose layers subclass peft's (SHiRA) uses it to make peft build its layer class for
-    this injection only, instead of replacing peft's class for the whole process.
-    """
-    _INJECTION_CONTEXTS[peft_type] = factory
-
-
 def load_adapter(
     module: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
@@ -301,8 +289,8 @@ def load_adapter(
         raise ValueError(f"the model already holds an adapter named {adapter_name!r}; pass another adapter_name=")
     grad_before = {n: p.requires_grad for n, p in base.named_parameters()}  # injection freezes the base
     try:
-        peft_type = getattr(config.peft_type, "value", config.peft_type)  # PeftType is a str Enum
-        with _INJECTION_CONTEXTS.get(peft_type, contextlib.nullcontext)():
+        spec = spec_for_peft_type(config.peft_type)  # SHiRA: peft builds our layer class for this injection only
+        with spec.injecting() if spec else contextlib.nullcontext():
             inject_adapter_in_model(config, base, adapter_name=adapter_name, low_cpu_mem_usage=True)
     except ValueError as exc:
         raise AdapterFormatError(f"adapter at {str(path)!r} does not fit this model: {exc}") from exc

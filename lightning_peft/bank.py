@@ -1,6 +1,6 @@
 """``AdapterBank``: many adapters for one loaded base model, switched in place (SHiRA section 4).
 
-SHiRA's rapid switching (Bhardwaj et al. 2024, arXiv 2406.13175, section 4; methods.md
+SHiRA's rapid switching (Bhardwaj et al. 2024, arXiv 2406.13175,
 section 4): a sparse adapter is ``nnz`` (position, value) pairs, so serving it means writing
 the values into the base weights in place, and undoing it means writing the overwritten
 originals back. No fused copy of the model, no dense ``(out, in)`` delta::
@@ -14,6 +14,10 @@ Each add is computed in fp32 and rounded once to ``W``'s dtype (``scatter_add``)
 fused masks overlap, the second add rounds the first's result again (exact for fp32 sums that
 fit, within one ulp per add otherwise). ``deactivate`` never subtracts, so the base comes back
 bit-exactly whatever was applied.
+
+RoSA adapters are applied as their two parts: the sparse ``S`` by scatter (exact undo), the
+low-rank ``s B A`` like a LoRA. Which layers a method builds and how to read their deltas comes
+from the method's :class:`~lightning_peft.registry.MethodSpec` (``bank_deltas``, ``bank_tensors``).
 
 LoRA adapters are accepted for comparison with peft's merge semantics: ``W += scale * B @ A``
 (a dense ``(out, in)`` GEMM and add over every weight element). Undo is ``lora_restore="copy"``
@@ -36,26 +40,26 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import PeftType
 from torch import nn
 
 from lightning_peft.adapter_io import PEFT_PREFIX, find_base_model, read_adapter
 from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore
+from lightning_peft.registry import method_specs, spec_for_layer, spec_for_peft_type
 
-__all__ = ["AdapterBank"]
+__all__ = ["AdapterBank", "LowRankTerm", "SparseTerm", "lora_scale", "sparse_term"]
 
 
 @dataclass(frozen=True)
-class _Sparse:
-    """A SHiRA delta of one weight: ``W[index] += values`` (scaling already applied)."""
+class SparseTerm:
+    """A sparse delta of one weight: ``W[index] += values`` (scaling already applied)."""
 
     index: SparseIndex
     values: torch.Tensor  # (nnz,)
 
 
 @dataclass(frozen=True)
-class _LowRank:
-    """A LoRA delta of one weight: ``W += scale * B @ A`` (transposed for fan_in_fan_out layers)."""
+class LowRankTerm:
+    """A low-rank delta of one weight: ``W += scale * B @ A`` (transposed for fan_in_fan_out layers)."""
 
     A: torch.Tensor  # (r, in)
     B: torch.Tensor  # (out, r)
@@ -94,7 +98,7 @@ class AdapterBank:
         self.base_prefix, self.base = find_base_model(model)
         self.lora_restore = lora_restore
         self.use_triton = use_triton
-        self.adapters: dict[str, dict[str, _Sparse | _LowRank]] = {}
+        self.adapters: dict[str, list[tuple[str, SparseTerm | LowRankTerm]]] = {}  # name -> [(path, term)]
         self.kinds: dict[str, str] = {}
         self._applied: list[tuple[torch.Tensor, Any, Any, Any]] = []  # (weight, delta, alpha, saved)
         self.active: dict[str, float] = {}
@@ -110,8 +114,8 @@ class AdapterBank:
 
         Args:
             name: Name in the bank.
-            source: A peft ``shira``/``lora`` adapter folder, or a module with injected adapters
-                (its SHiRA/LoRA layers are read; tensors are copied).
+            source: An adapter folder (ours or peft's) of a switchable method (SHiRA, RoSA, LoRA), or a
+                module with injected adapters (their tuner layers are read; tensors are copied).
             adapter_name: Which adapter of a module (default: ``"default"``); ignored for folders.
 
         Raises:
@@ -124,10 +128,16 @@ class AdapterBank:
         else:
             deltas, kind = _from_folder(Path(source), lambda p: tuple(self._weight(p).shape))
         if not deltas:
-            raise ValueError(f"AdapterBank.add({name!r}): the source holds no SHiRA or LoRA tensors")
-        for path in deltas:
-            self._weight(path)  # fail now, not at activation
-        self.adapters[name] = {p: _to(d, self._weight(p).device) for p, d in deltas.items()}
+            switchable = [s.name for s in method_specs() if s.bank_deltas]
+            raise ValueError(f"AdapterBank.add({name!r}): the source holds no adapter of a switchable method ({switchable})")
+        for path, d in deltas:  # fail now, before anything is stored, not at activation
+            want, got = tuple(self._weight(path).shape), _delta_shape(d)
+            if got != want:
+                raise ValueError(
+                    f"AdapterBank.add({name!r}): the adapter's {path} is made for a {got[0]} x {got[1]} weight, but this "
+                    f"model's is {want[0]} x {want[1]}; add adapters trained on this base (same architecture and size)"
+                )
+        self.adapters[name] = [(p, _to(d, self._weight(p).device)) for p, d in deltas]
         self.kinds[name] = kind
         return self
 
@@ -157,13 +167,13 @@ class AdapterBank:
     def dense_deltas(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s dense fp32 ``(out, in)`` delta per weight path (analysis only: allocates)."""
         out: dict[str, torch.Tensor] = {}
-        for path, d in self.adapters[name].items():
-            if isinstance(d, _Sparse):
+        for path, d in self.adapters[name]:
+            if isinstance(d, SparseTerm):
                 dense = torch.zeros(d.index.shape, dtype=torch.float32, device=d.values.device)
                 dense[d.index.row.long(), d.index.col.long()] = d.values.float()
-                out[path] = dense
             else:
-                out[path] = d.dense(torch.float32)
+                dense = d.dense(torch.float32)
+            out[path] = out[path] + dense if path in out else dense
         return out
 
     # ------------------------------------------------------------------ switching
@@ -183,9 +193,9 @@ class AdapterBank:
             raise KeyError(f"AdapterBank holds no adapter {unknown[0]!r}; it holds {self.names()}")
         self.deactivate()
         for name, alpha in weights.items():
-            for path, delta in self.adapters[name].items():
+            for path, delta in self.adapters[name]:
                 w = self._weight(path)
-                if isinstance(delta, _Sparse):
+                if isinstance(delta, SparseTerm):
                     saved = scatter_add(w, delta.index, delta.values, float(alpha), use_triton=self.use_triton)
                 else:
                     dense = delta.dense(torch.float32) * float(alpha)
@@ -199,7 +209,7 @@ class AdapterBank:
         """Restore the base weights (bit-exactly for SHiRA, and for LoRA with ``lora_restore='copy'``)."""
         while self._applied:
             w, delta, _, saved = self._applied.pop()
-            if isinstance(delta, _Sparse):
+            if isinstance(delta, SparseTerm):
                 scatter_restore(w, delta.index, saved, use_triton=self.use_triton)
             elif self.lora_restore == "copy":
                 w.copy_(saved)
@@ -245,68 +255,81 @@ class AdapterBank:
 
 
 # ---------------------------------------------------------------------- readers
-def _to(delta: _Sparse | _LowRank, device: torch.device) -> _Sparse | _LowRank:
-    if isinstance(delta, _Sparse):
-        return _Sparse(delta.index.to(device), delta.values.to(device))
-    return _LowRank(delta.A.to(device), delta.B.to(device), delta.scale, delta.transpose)
+def _to(delta: SparseTerm | LowRankTerm, device: torch.device) -> SparseTerm | LowRankTerm:
+    if isinstance(delta, SparseTerm):
+        return SparseTerm(delta.index.to(device), delta.values.to(device))
+    return LowRankTerm(delta.A.to(device), delta.B.to(device), delta.scale, delta.transpose)
 
 
-def _sparse(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> _Sparse:
-    """Drop exact zeros (e.g. peft-format padding) and sort row-major."""
+def _delta_shape(d: SparseTerm | LowRankTerm) -> tuple[int, int]:
+    """The ``(out, in)`` weight shape a delta is made for."""
+    if isinstance(d, SparseTerm):
+        return tuple(d.index.shape)
+    out, inp = d.B.shape[0], d.A.shape[1]
+    return (inp, out) if d.transpose else (out, inp)
+
+
+def sparse_term(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], path: str) -> SparseTerm:
+    """A :class:`SparseTerm` from ``(2, n)`` positions: exact zeros dropped (e.g. peft-format padding), sorted row-major.
+
+    Raises:
+        ValueError: an index lies outside ``shape`` (an adapter made for a larger weight).
+    """
     keep = values != 0
     idx, vals = indices[:, keep].long(), values[keep]
+    if idx.numel() and (int(idx[0].max()) >= shape[0] or int(idx[1].max()) >= shape[1]):
+        raise ValueError(
+            f"AdapterBank.add: the adapter's {path} indexes entries up to ({int(idx[0].max())}, {int(idx[1].max())}), "
+            f"outside this model's {shape[0]} x {shape[1]} weight; add adapters trained on this base"
+        )
     flat = idx[0] * shape[1] + idx[1]
     order = torch.argsort(flat)
-    return _Sparse(SparseIndex.from_flat(flat[order], shape), vals[order].detach().clone())
+    return SparseTerm(SparseIndex.from_flat(flat[order], shape), vals[order].detach().clone())
 
 
-def _lora_scale(config: Any, r: int) -> float:
+def lora_scale(config: Any, r: int) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of a LoRA folder's config.
+
+    Raises:
+        ValueError: per-module ranks or alphas (``rank_pattern``/``alpha_pattern``).
+    """
     if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
         raise ValueError("AdapterBank reads LoRA folders with one r and alpha only (rank_pattern/alpha_pattern are set)")
     return config.lora_alpha / (r**0.5 if config.use_rslora else r)
 
 
-def _from_folder(path: Path, shape_of: Any) -> tuple[dict[str, _Sparse | _LowRank], str]:
+def _from_folder(path: Path, shape_of: Any) -> tuple[list[tuple[str, SparseTerm | LowRankTerm]], str]:
+    """The folder's terms per weight path, read by its method's ``bank_tensors``."""
     config, tensors, _ = read_adapter(path)
-    strip = lambda k, suffix: k[len(PEFT_PREFIX) : -len(suffix)]  # noqa: E731
-    deltas: dict[str, _Sparse | _LowRank] = {}
-    if config.peft_type == PeftType.SHIRA:
-        for k, v in tensors.items():
-            if k.endswith(".shira_weight"):
-                path_ = strip(k, ".shira_weight")
-                idx = tensors[f"{PEFT_PREFIX}{path_}.shira_indices"]
-                deltas[path_] = _sparse(idx, v, shape_of(path_))
-        return deltas, "shira"
-    if config.peft_type == PeftType.LORA:
-        for k, a in tensors.items():
-            if k.endswith(".lora_A.weight"):
-                path_ = strip(k, ".lora_A.weight")
-                b = tensors[f"{PEFT_PREFIX}{path_}.lora_B.weight"]
-                deltas[path_] = _LowRank(a, b, _lora_scale(config, a.shape[0]), bool(config.fan_in_fan_out))
-        return deltas, "lora"
-    raise ValueError(f"AdapterBank holds SHiRA and LoRA adapters; {path} is a {config.peft_type} adapter")
+    spec = spec_for_peft_type(config.peft_type)
+    if spec is None or spec.bank_tensors is None:
+        switchable = [s.peft_type for s in method_specs() if s.bank_tensors]
+        raise ValueError(f"AdapterBank holds adapters of {switchable}; {path} is a {config.peft_type} adapter")
+    by_path: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        rel = key[len(PEFT_PREFIX):]
+        cut = rel.find("." + spec.prefix)
+        if cut > 0:
+            by_path.setdefault(rel[:cut], {})[rel[cut + 1 :]] = tensor
+    terms = [(p, t) for p, parts in by_path.items() for t in spec.bank_tensors(parts, config, shape_of(p), p)]
+    return terms, spec.name
 
 
-def _from_module(source: nn.Module, adapter: str) -> tuple[dict[str, _Sparse | _LowRank], str]:
+def _from_module(source: nn.Module, adapter: str) -> tuple[list[tuple[str, SparseTerm | LowRankTerm]], str]:
+    """The terms of ``adapter`` in every tuner layer of ``source``, read by each layer's method's ``bank_deltas``."""
     from peft import PeftModel
-
-    from lightning_peft.methods.shira.layer import ShiraLinear
 
     if isinstance(source, PeftModel):
         source = source.get_base_model()  # paths relative to the wrapped model, as in a saved folder
     prefix, _ = find_base_model(source)
-    deltas: dict[str, _Sparse | _LowRank] = {}
+    terms: list[tuple[str, SparseTerm | LowRankTerm]] = []
     kinds = set()
     for name, m in source.named_modules():
+        spec = spec_for_layer(m) if isinstance(m, BaseTunerLayer) else None
+        if spec is None or spec.bank_deltas is None:
+            continue
+        found = spec.bank_deltas(m, adapter)
         rel = name[len(prefix) + 1 :] if prefix else name
-        if isinstance(m, ShiraLinear) and adapter in m.shira_weight:
-            values = m.shira_weight[adapter].detach() * m.scaling[adapter]
-            deltas[rel] = _Sparse(m.mask_index(adapter), values.clone())
-            kinds.add("shira")
-        elif hasattr(m, "lora_A") and isinstance(m, BaseTunerLayer) and adapter in m.lora_A:
-            deltas[rel] = _LowRank(
-                m.lora_A[adapter].weight.detach().clone(), m.lora_B[adapter].weight.detach().clone(),
-                float(m.scaling[adapter]), bool(getattr(m, "fan_in_fan_out", False)),
-            )
-            kinds.add("lora")
-    return deltas, "+".join(sorted(kinds))
+        terms += [(rel, t) for t in found]
+        kinds |= {spec.name} if found else set()
+    return terms, "+".join(sorted(kinds))

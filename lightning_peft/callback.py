@@ -1,6 +1,6 @@
 """``AdapterCallback``: inject a peft-backed adapter into **any** LightningModule.
 
-Where injection happens (Lightning 2.x ``Trainer._run`` order, integration.md):
+Where injection happens (Lightning 2.x ``Trainer._run`` order, ``lightning/pytorch/trainer/trainer.py``):
 
     Callback.setup ──► LightningModule.configure_model ──► ckpt weights loaded
         ──► strategy.setup (precision, DDP/FSDP wrap, optimizers) ──► on_fit_start (summary)
@@ -130,11 +130,17 @@ class AdapterCallback(L.Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # once per checkpoint (stacked callbacks share it): which base these adapter tensors belong to
+        # once per checkpoint (stacked callbacks share it): which base these adapter tensors belong to, and
+        # sparse positions in their compact code (lightning_peft.methods._sparse.storage)
         if "base_fingerprint" not in checkpoint.setdefault("lightning_peft", {}):
             from lightning_peft.adapter_io import base_fingerprint, find_base_model
+            from lightning_peft.methods._sparse import SparseDeltaCore
 
             checkpoint["lightning_peft"]["base_fingerprint"] = base_fingerprint(find_base_model(pl_module)[1])
+            state = checkpoint.get("state_dict", {})
+            for name, layer in pl_module.named_modules():
+                if isinstance(layer, SparseDeltaCore):
+                    layer.encode_index_state(state, f"{name}." if name else "")
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ fraction of the model (also with ``save_weights_only=True``, where callback hook
 run). Loading such a state dict reports no missing frozen keys, so Lightning's strict
 loading still catches a missing or misnamed *adapter* tensor.
 
-Lightning loads checkpoint weights after ``Callback.setup`` and ``configure_model`` (see
-``shared/reference/integration.md``), i.e. after injection, so the hooks are in place when
+Lightning loads checkpoint weights after ``Callback.setup`` and ``configure_model`` (Lightning 2.x
+``Trainer._run``: setup hooks, ``configure_model``, then ``_restore_modules_and_callbacks``), i.e. after injection, so the hooks are in place when
 it does. To get the full weights, call ``state_dict()`` on the wrapped model itself (e.g.
 ``pl_module.model.state_dict()``) or merge with ``peft``.
 
@@ -86,7 +86,16 @@ def _ignore_missing_frozen(module: nn.Module, incompatible_keys: Any) -> None:
 
 
 def _check_adapter_shapes(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Before torch's own size check: name a checkpoint whose adapter has other shapes (another r or targets)."""
+    """Before torch's own size check: name a checkpoint whose adapter has other shapes (another r or targets).
+
+    Compact sparse positions (:mod:`lightning_peft.methods._sparse.storage`) are decoded first, so the
+    check sees the layers' own layout.
+    """
+    from lightning_peft.methods._sparse import SparseDeltaCore
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, SparseDeltaCore):
+            layer.decode_index_state(state_dict, f"{prefix}{name}." if name else prefix)
     own = dict(module.state_dict(keep_vars=True))  # adapter-only: what a checkpoint of this run holds
     clashes = [
         f"{k}: checkpoint {tuple(v.shape)} vs this run {tuple(own[k[len(prefix):]].shape)}"

@@ -34,6 +34,32 @@ class AdapterConfig:
             self.exclude_modules = list(self.exclude_modules)
 
 
+def check_number(who: str, key: str, value: object, *, low: float, high: float | None = None,
+                 low_open: bool = True, high_open: bool = False, hint: str = "") -> None:
+    """Raise unless ``value`` is a real number (not a bool or a string) in the given interval.
+
+    Args:
+        who: Named in the message, e.g. ``"LoRA"``.
+        key: The argument's name.
+        value: What the user passed.
+        low, high: Interval bounds (``high=None``: no upper bound).
+        low_open, high_open: Whether each bound is excluded.
+        hint: Appended to the message: what to pass instead.
+
+    Raises:
+        ValueError: naming the rule, the value and ``hint``.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        rule = f"{left}{low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{who} {key} must be a number in {rule}, got {key}={value!r}" + (f"; {hint}" if hint else ""))
+
+
 def check_resumed_config(who: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise if a checkpoint's config differs from this run's, naming every differing key.
 

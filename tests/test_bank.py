@@ -183,3 +183,73 @@ def test_sparse_adapters_are_more_orthogonal_than_lora(bank_and_sources, tmp_pat
         bank.add(name, lora)
     lora = orthogonality(bank.dense_deltas("la"), bank.dense_deltas("lb"))
     assert lora["awor"] == 0.0 < shira["awor"]  # two dense rank-2 products have no exact zero
+
+
+@pytest.mark.parametrize("kind", ["shira", "lora"])
+@pytest.mark.parametrize("source", ["module", "folder"])
+def test_adapters_for_other_shapes_are_refused_before_anything_is_stored(kind: str, source: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    wide = PlainNet(width=32)  # the bank's base has width 24: same module names, other shapes
+    if kind == "shira":
+        lp.SHiRA(density=0.1, mask="random").inject(wide)
+        with torch.no_grad():
+            for name in TARGETS:
+                wide.get_submodule(name).shira_weight["default"].fill_(0.5)
+    else:
+        wide = get_peft_model(wide, LoraConfig(r=2, target_modules=list(TARGETS), init_lora_weights=False))
+    src = wide
+    if source == "folder":
+        src = lp.save_adapter(wide, tmp_path / "wide") if kind == "shira" else tmp_path / "wide"
+        if kind == "lora":
+            wide.save_pretrained(src)
+    base = _base()
+    clean = _bits(base)
+    bank = lp.AdapterBank(base)
+    with pytest.raises(ValueError, match=r"AdapterBank.add(\('w'\))?: the adapter's blocks.0 .*(made for a|outside this model's).*24"):
+        bank.add("w", src)
+    assert bank.names() == [] and _bits(base) == clean
+
+
+def _rosa_net(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
+    """RoSA (LoRA r=2 + 10% random sparse mask) with random values in every part."""
+    lp.RoSA(r=2, density=0.1, mask_criterion="random", warmup_steps=0, target_modules=targets).inject(model)
+    g = torch.Generator().manual_seed(7)
+    for m in model.modules():
+        if hasattr(m, "rosa_values"):
+            w = m.base_weight_out_in()
+            from lightning_peft.methods._sparse import random_mask
+
+            m.set_mask("default", random_mask(tuple(w.shape), 0.1, torch.Generator().manual_seed(8)))
+            with torch.no_grad():
+                for t in (m.rosa_values["default"], m.rosa_A["default"], m.rosa_B["default"]):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["linear", "gpt2-conv1d"])
+@pytest.mark.parametrize("source", ["module", "folder"])
+def test_rosa_adapters_switch_as_sparse_plus_low_rank(arch: str, source: str, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        if arch == "linear":
+            return PlainNet()
+        return GPT2LMHeadModel(GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+
+    targets = list(TARGETS) if arch == "linear" else ["c_attn", "c_fc"]
+    adapted = _rosa_net(make(), targets).eval()
+    src = lp.save_adapter(adapted, tmp_path / "rosa") if source == "folder" else adapted
+    base = make()
+    clean = _bits(base)
+    bank = lp.AdapterBank(base).add("r", src)
+    assert bank.kinds["r"] == "rosa"
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    forward = (lambda m: m(ids)) if arch == "linear" else (lambda m: m(input_ids=ids).logits)  # noqa: E731
+    with torch.no_grad():
+        bank.activate("r")
+        fused = forward(base)
+        expected = forward(adapted)
+        bank.deactivate()
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert _bits(base) == clean

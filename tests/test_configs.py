@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -151,3 +152,122 @@ def test_cli_bad_input_fails_clearly_and_writes_nothing(override: str, match: st
     proc = _cli(["train", "experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode != 0 and match in proc.stderr + proc.stdout, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_run_killed_mid_training_resumes_to_the_uninterrupted_result(micro_model_dir: str, tmp_path: Path) -> None:
+    """SIGKILL a `lightning-peft train` run once it has checkpointed, rerun it with `ckpt_path=last`: the adapter and
+    the losses logged after the checkpoint equal those of a run that was never interrupted."""
+    import csv
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["experiment=smoke", "trainer.max_steps=60", "task.num_train=256", "callbacks.checkpoint.every_n_train_steps=5",
+            "trainer.val_check_interval=1000", "trainer.limit_val_batches=0"]
+
+    def losses(run: Path) -> dict[int, float]:
+        rows = [r for f in sorted(run.glob("**/metrics.csv")) for r in csv.DictReader(f.open())]
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    full = _cli(["train", *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", "train", *args,
+           f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "results.json").exists(), "the run finished before the kill"
+    saved_step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved_step < 60
+
+    resumed = _cli(["train", *args, "ckpt_path=last", f"hydra.run.dir={run}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == 60
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_losses, resumed_losses = losses(tmp_path / "full"), losses(run)
+    after = [s for s in full_losses if s >= saved_step]
+    assert after and all(resumed_losses[s] == full_losses[s] for s in after)
+
+
+def test_cli_resume_errors_name_the_file_and_the_fix(micro_model_dir: str, tmp_path: Path) -> None:
+    proc = _cli(["train", "experiment=smoke", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path)
+    assert proc.returncode != 0 and "no checkpoint at" in proc.stderr and "hydra.run.dir=<dir>" in proc.stderr
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    proc = _cli(["train", "experiment=smoke", f"ckpt_path={broken}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode != 0 and f"{broken} is not a complete checkpoint" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_readme_own_data_command_runs_on_a_200_row_file(micro_model_dir: str, tmp_path: Path) -> None:
+    """The README's `task=hf_dataset` command as typed (progress bars on), on a small train.jsonl, with short steps."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```text\n(.*?)```", readme, flags=re.S) if "task=hf_dataset" in b]
+    args = shlex.split(block.replace("\\\n", " "))
+    assert args[:2] == ["lightning-peft", "train"]
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(200)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    proc = _cli([*args[1:], "model.name_or_path=llama-micro-v1", "task.max_length=64", "module.max_new_tokens=4",
+                 "trainer.max_steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["task"] == "hf_dataset" and "test/loss" in results["metrics"]
+
+
+DEFAULT_OPTIONS = {"method=lora", "method=rosa", "method=shira", "trans_peft=default"}
+
+
+def _init_params(cls: type) -> dict:
+    """Named ``__init__`` parameters along the MRO (a subclass's ``**kwargs`` passes on to its base's)."""
+    import inspect
+
+    params: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass.__module__.startswith("lightning."):
+            continue
+        sig = inspect.signature(klass.__init__).parameters
+        params.update({k: p for k, p in sig.items() if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                       and k not in params})
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
+            break
+    return params
+
+
+@pytest.mark.parametrize("option", sorted(
+    f"{group}={p.name.removesuffix('.yaml')}" for group in ("method", "trans_peft")
+    for p in files("lightning_peft.conf").joinpath(group).iterdir() if p.name.endswith(".yaml") and p.name != "none.yaml"
+))
+def test_yaml_dataclass_and_callback_signature_agree(option: str) -> None:
+    """Each method's three descriptions of its settings (the composed YAML, the typed dataclass, the callback's
+    __init__) name the same keys; the default YAML, the callback and the dataclass have the same defaults."""
+    import dataclasses
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
+        cfg = compose("train", overrides=[option])
+    raw = OmegaConf.to_container(cfg[option.split("=")[0]])
+    cls = get_class(raw.pop("_target_"))
+    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+    params = _init_params(cls)
+    assert set(raw) == set(fields) == set(params), (set(raw) ^ set(fields), set(fields) ^ set(params))
+    for key, f in fields.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if "__init__" in vars(cls) and key in _init_params(cls.__mro__[1]):
+            continue  # a variant (RoSA's sparse-only) sets its own defaults for some keys
+        assert params[key].default == default, f"{cls.__name__}.__init__({key}=...) vs {cls.config_cls.__name__}"
+        if option in DEFAULT_OPTIONS:
+            same = raw[key] == pytest.approx(default) if isinstance(default, float) else raw[key] == default
+            assert same, f"{option}: {key}={raw[key]!r} in YAML, {default!r} in {cls.config_cls.__name__}"

@@ -241,3 +241,28 @@ def test_two_all_linear_adapters_stack(row: Row, base_dir: str) -> None:
     lp.LoRA(r=2, adapter_name="second").inject(module)
     chain = _tuner_chain(module.model.model.layers[1].mlp.down_proj)
     assert sorted(a for t in chain for a in t.active_adapters) == ["default", "second"]
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_every_precision_trains_close_to_fp32(row: Row, precision: str, base_dir: str, tmp_path: Path) -> None:
+    """Lightning's precision plugins (CPU autocast for ``bf16-mixed``): same losses as ``32-true`` within bf16's
+    resolution, and the adapter's values stay in the dtype the plugin keeps them in."""
+    def losses(precision: str) -> list[float]:
+        torch.manual_seed(0)
+        recorder = _LossRecorder()
+        trainer = _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs), recorder], 4, precision=precision)
+        trainer.fit(EagerLM(base_dir), token_loader(n=32))
+        return recorder.losses
+
+    reference, got = losses("32-true"), losses(precision)
+    assert len(got) == len(reference) == 4
+    assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(got, reference, strict=True)), (got, reference)

@@ -284,6 +284,28 @@ def test_sparse_delta_linear_forward_and_grads_match_dense(
     torch.testing.assert_close(y, y_copy, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_delta_linear_under_autocast_matches_dense_autograd(dtype: torch.dtype) -> None:
+    """``bf16-mixed``/``16-mixed``: fp32 weight, x and values, the GEMMs in the autocast dtype; plain autograd on
+    the dense merge under the same autocast is the oracle (gradients in the leaves' fp32)."""
+    index = _index(0.05, seed=40)
+    weight = _randn(OUT, IN, seed=41)
+    leaves = {"x": _randn(T, IN, seed=42), "values": _randn(index.nnz, seed=43) * 0.1, "bias": _randn(OUT, seed=44)}
+    mine = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    grad_out = _randn(T, OUT, seed=45).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = sparse_delta_linear(mine["x"], weight, mine["values"], index, mine["bias"])
+        y_ref = _dense_oracle(ref["x"], weight, ref["values"], index, ref["bias"])
+    assert y.dtype == y_ref.dtype == dtype
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    for name in leaves:
+        assert mine[name].grad.dtype == torch.float32, name
+        torch.testing.assert_close(mine[name].grad, ref[name].grad, atol=5e-2, rtol=2e-2, msg=name)
+
+
 def test_sparse_delta_linear_without_bias_or_input_grad() -> None:
     index = _index(0.01, seed=22)
     weight = _randn(OUT, IN, seed=23)
@@ -328,3 +350,70 @@ def test_sparse_delta_linear_errors() -> None:
         sparse_delta_linear(_randn(T, IN), weight.clone().requires_grad_(), values, index)
     with pytest.raises(ValueError, match="cast x"):
         sparse_delta_linear(_randn(T, IN, dtype=torch.bfloat16), weight, values, index)
+
+
+# ---------------------------------------------------------------------------- safe fallback
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Forget earlier self-check results; let ``auto`` consider Triton for CPU tensors (as it does for CUDA)."""
+    from lightning_peft.kernels import _utils
+
+    monkeypatch.setattr(_utils, "_VERIFIED", {})
+    monkeypatch.setattr(_utils, "_auto_eligible", lambda tensors: True)
+    monkeypatch.delenv("LIGHTNING_PEFT_KERNELS", raising=False)
+    return _utils
+
+
+@pytest.mark.parametrize("name", ["scatter", "sddmm"])
+@pytest.mark.triton
+@requires_triton
+def test_every_kernel_passes_its_self_check_in_the_interpreter(name: str, fresh_checks) -> None:
+    kernel = {"scatter": _scatter_kernel, "sddmm": _sddmm_kernel}[name]
+    assert fresh_checks.kernel_verified(kernel, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_a_failing_kernel_warns_once_and_the_op_takes_the_pytorch_path(failure: str, fresh_checks, monkeypatch) -> None:
+    from lightning_peft.kernels import scatter
+    from lightning_peft.kernels._utils import KernelFallbackWarning
+
+    def broken(weight, index, values, mode, save, alpha=1.0):
+        if failure == "raises":
+            raise RuntimeError("PTX compilation failed (injected)")
+        weight.add_(1.0)  # a miscompiled kernel: runs, writes the wrong bits
+        return weight.new_zeros(index.nnz) if save else None
+
+    monkeypatch.setattr(scatter, "_scatter_launch", broken)
+    index = _index(0.05, seed=50)
+    weight, values = _randn(OUT, IN, seed=51), _randn(index.nnz, seed=52)
+    expected = weight.clone()
+    scatter_add_reference(expected, index, values, 1.0)
+    with pytest.warns(KernelFallbackWarning, match=r"scatter .* failed its self-check on cpu \(triton [\d.]+\)") as rec:
+        scatter_add(weight, index, values)
+    assert len(rec) == 1 and ("injected" in str(rec[0].message)) == (failure == "raises")
+    assert torch.equal(weight, expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)  # cached: no second warning
+        scatter_add(weight, index, values)
+
+
+def test_the_environment_forces_either_path(fresh_checks, monkeypatch) -> None:
+    from lightning_peft.kernels import scatter
+
+    calls = []
+    real = scatter._scatter_launch
+    monkeypatch.setattr(scatter, "_scatter_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    index = _index(0.05, seed=53)
+    weight, values = _randn(OUT, IN, seed=54), _randn(index.nnz, seed=55)
+    monkeypatch.setenv("LIGHTNING_PEFT_KERNELS", "torch")
+    scatter_add(weight, index, values)
+    assert calls == []
+    monkeypatch.setenv("LIGHTNING_PEFT_KERNELS", "nope")
+    with pytest.raises(ValueError, match="LIGHTNING_PEFT_KERNELS must be auto, torch or triton, got 'nope'"):
+        scatter_add(weight, index, values)
+    if interpreter_ready(_scatter_kernel):  # triton: the kernel, no self-check (on CPU: the interpreter)
+        monkeypatch.setenv("LIGHTNING_PEFT_KERNELS", "triton")
+        scatter_add(weight, index, values)
+        assert calls == [1]

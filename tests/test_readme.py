@@ -19,7 +19,7 @@ def _readme_commands() -> list[str]:
 
 def test_readme_opens_with_two_commands_ci_runs_the_test_one() -> None:
     install_and_run, install_and_test = _readme_commands()
-    assert install_and_run.startswith("pip install torch==2.13.0 && ") and install_and_run.endswith("lightning-peft train experiment=evolve")
+    assert install_and_run.startswith("pip install torch==2.13.0 && ") and install_and_run.endswith("lightning-peft evolve")
     assert install_and_test.startswith("pip install torch==2.13.0 && ") and install_and_test.endswith("pytest")
     assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
 
@@ -44,3 +44,4 @@ def test_the_kernels_folder_never_shadows_hugging_faces_kernels() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+

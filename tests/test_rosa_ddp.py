@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from test_rosa import TARGETS, TinyNet, tiny_batches
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_peft.methods._sparse import topk_mask
 from lightning_peft.methods.rosa import RoSA
-from lightning_peft.sparse_delta import topk_mask
 
 
 class ShardedTinyNet(TinyNet):

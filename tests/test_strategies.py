@@ -99,7 +99,7 @@ def test_adapter_fsdp_refuses_tuner_layers_that_read_the_frozen_weight() -> None
     module = TinyLM()
     lp.RoSA(r=2, density=0.1).inject(module)
     strategy = L.Trainer(strategy="adapter_fsdp", accelerator="cpu", devices=2, logger=False).strategy
-    with pytest.raises(AdapterStrategyError, match=r"net\.q_proj \(Linear\).*strategy='adapter_ddp'"):
+    with pytest.raises(AdapterStrategyError, match=r"net\.q_proj \(rosa\).*strategy='adapter_ddp'"):
         strategy._setup_model(module)
 
 

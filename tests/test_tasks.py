@@ -374,3 +374,20 @@ def test_a_too_small_example_space_is_reported(tok) -> None:
 def test_bad_tokenizer_type_is_rejected() -> None:
     with pytest.raises(TypeError, match="tokenizer must be a PreTrainedTokenizerBase or a zoo name"):
         ArithmeticTask(42)
+
+
+def test_hf_dataset_default_splits_are_fractions_of_a_small_file(tok, tmp_path: Path) -> None:
+    """The README's own-data example on a 200-row file: 10% val, 10% test (at least 16 rows each), the rest train."""
+    def sizes(n: int, **kwargs) -> dict[str, int]:
+        rows = [{"q": f"q{i}", "a": str(i)} for i in range(n)]
+        path = tmp_path / f"data{n}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        dm = HFDatasetTask(tok, str(path), "{q} ->", " {a}", load_kwargs={"cache_dir": str(tmp_path / "hf")}, **kwargs)
+        return {s: len(v) for s, v in dm.get_examples().items()}
+
+    assert sizes(200) == {"train": 160, "val": 20, "test": 20}
+    assert sizes(60) == {"train": 28, "val": 16, "test": 16}  # the floor
+    assert sizes(5000) == {"train": 4600, "val": 200, "test": 200}  # the cap (the former fixed default)
+    assert sizes(200, num_val=0, num_test=50) == {"train": 150, "val": 0, "test": 50}
+    with pytest.raises(ValueError, match="num_val must fit in split 'train' of 30 rows"):
+        sizes(30)

@@ -1,6 +1,6 @@
 """Compare two bases v_o, v_n of one family on task inputs: the tables of a :class:`DriftReport`.
 
-What is measured (methods.md "Drift analyses", after Trans-PEFT section 2):
+What is measured (after Trans-PEFT, Gu et al., ACL 2025, arXiv 2506.06844, section 2):
 
 1. ``weights``: per parameter, ||W_n - W_o||_F / ||W_o||_F and cosine, with its layer,
    module type (q, k, v, o, gate, up, down, embedding, norm, ...) and group (attention/ffn/...).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         adapter = lp.save_adapter(module, run_dir / "adapter") if cfg.save_adapter and trainer.is_global_zero else None
         if cfg.test_after_fit:
@@ -90,6 +91,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()  # WandbLogger.finalize does not; needed between multirun jobs
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path`` as ``trainer.fit`` takes it: ``last`` means this run dir's ``checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: ``ckpt_path`` names a checkpoint that is not there (the message says where it looked).
+        ValueError: the file is not a complete checkpoint (truncated or corrupt).
+    """
+    value = cfg.get("ckpt_path")
+    if not value:
+        return None
+    path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if value == "last" else Path(value)
+    if not path.is_file():
+        hint = (
+            "`ckpt_path=last` resumes the run whose folder this is: pass that run's folder as hydra.run.dir=<dir>"
+            if value == "last" else "pass the path of an existing .ckpt file, or ckpt_path=last with hydra.run.dir=<run dir>"
+        )
+        raise FileNotFoundError(f"ckpt_path={value!r}: no checkpoint at {path}; {hint}")
+    if not zipfile.is_zipfile(path) or zipfile.ZipFile(path).testzip() is not None:  # torch.save writes a zip
+        raise ValueError(
+            f"ckpt_path={value!r}: {path} is not a complete checkpoint (truncated or corrupt: not a valid torch zip "
+            "archive); resume from another .ckpt (e.g. an earlier step's) or start the run again without ckpt_path"
+        )
+    return str(path)
 
 
 def _refuse_relaunch_in_multirun(trainer: L.Trainer) -> None:

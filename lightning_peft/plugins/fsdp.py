@@ -1,6 +1,6 @@
 """``adapter_fsdp``: FSDP that gives adapter leaves their own units and writes adapter-only checkpoints.
 
-Why units matter (integration.md; pytorch #91167, litgpt #1392): FSDP flattens each unit's
+Why units matter (pytorch #91167, litgpt #1392): FSDP flattens each unit's
 tensors into one ``FlatParameter``; with ``use_orig_params=True`` frozen and trainable tensors
 may share a unit, but the gradient is then allocated for the whole flat parameter, i.e. as if
 nothing were frozen. Here every adapter leaf (a module whose own parameters all train and
@@ -83,10 +83,18 @@ def is_adapter_leaf(module: nn.Module) -> bool:
 
 
 def _unsupported_tuner_layers(model: nn.Module) -> list[str]:
-    """Tuner layers whose trainable tensors are not held by adapter leaves (RoSA, SHiRA)."""
+    """Tuner layers whose method's spec says ``fsdp=False`` (RoSA, SHiRA: trainable tensors in the tuner layer
+    itself); layers of unregistered methods are judged by where their trainable tensors live."""
+    from lightning_peft.registry import spec_for_layer
+
     bad = []
     for name, layer in model.named_modules():
         if not isinstance(layer, BaseTunerLayer):
+            continue
+        spec = spec_for_layer(layer)
+        if spec is not None:
+            if not spec.fsdp:
+                bad.append(f"{name} ({spec.name})")
             continue
         for child_name, child in layer.named_modules():
             if child_name.startswith("base_layer") or is_adapter_leaf(child):

@@ -11,7 +11,7 @@ Registered in Lightning's ``StrategyRegistry`` when ``lightning_peft`` is import
 ``adapter_fsdp``       :class:`AdapterFSDPStrategy` (:mod:`lightning_peft.plugins.fsdp`)
 =====================  ===================================================================
 
-Where they act in ``Trainer.fit`` (integration.md, "when a plugin may change the model")::
+Where they act in ``Trainer.fit`` (Lightning 2.x ``Trainer._run``: strategy ``connect``, setup hooks, ``configure_model``, ``strategy.setup``)::
 
     Callback.setup / configure_model (adapters injected) ─► checkpoint weights restored
       ─► strategy.setup: [inject any adapter still missing] ─► precision convert_module

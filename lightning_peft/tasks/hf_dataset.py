@@ -36,13 +36,20 @@ def _render(template: str, row: Mapping[str, Any], what: str) -> str:
         ) from None
 
 
+EVAL_FRACTION = 0.1  # of the rows, for each of val and test when their sizes are not given
+EVAL_FLOOR = 16  # fewest rows a default val/test split gets (fewer cannot tell runs apart)
+EVAL_CAP = 200  # most rows a default val/test split gets
+
+
 class HFDatasetTask(PromptCompletionDataModule):
     """A task over a Hugging Face ``datasets`` dataset (local files or the Hub).
 
     Without ``val_split``/``test_split`` the rows of ``split`` are shuffled with
     ``data_seed`` and carved into test (first ``num_test``), val (next ``num_val``) and train
     (the rest, at most ``num_train``). With them, the first ``num_val``/``num_test`` rows of
-    those splits are used as they are.
+    those splits are used as they are. ``num_val``/``num_test`` left at ``None`` take
+    :data:`EVAL_FRACTION` of the rows each, at least :data:`EVAL_FLOOR` and at most
+    :data:`EVAL_CAP` (a 200-row file: 20 / 20 / 160 rows; a large one: 200 / 200 / the rest).
 
     Args:
         tokenizer: See `PromptCompletionDataModule`.
@@ -63,6 +70,8 @@ class HFDatasetTask(PromptCompletionDataModule):
             reference and to generations (e.g. ``r"####\\s*(\\S+)"``).
         load_kwargs: Extra ``load_dataset`` arguments (e.g. ``cache_dir``).
         num_train: Most training rows (None: all).
+        num_val: Validation rows (None: a fraction of the rows, see above; 0: none).
+        num_test: Test rows (None: a fraction of the rows, see above; 0: none).
         **kwargs: The other `PromptCompletionDataModule` arguments.
 
     Raises:
@@ -88,9 +97,14 @@ class HFDatasetTask(PromptCompletionDataModule):
         answer_regex: str | None = None,
         load_kwargs: Mapping[str, Any] | None = None,
         num_train: int | None = None,
+        num_val: int | None = None,
+        num_test: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(tokenizer, num_train=num_train, **kwargs)
+        # sizes left at None are set from the file's length in build_splits; 1 only passes the base's check
+        super().__init__(tokenizer, num_train=num_train, num_val=1 if num_val is None else num_val,
+                         num_test=1 if num_test is None else num_test, **kwargs)
+        self._fraction_sizes = {"val": num_val is None, "test": num_test is None}
         for what, value in (("prompt_template", prompt_template), ("completion_template", completion_template)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{what} must be a non-empty format string, got {value!r}; e.g. 'Q: {{question}}\\nA:'")
@@ -129,8 +143,16 @@ class HFDatasetTask(PromptCompletionDataModule):
         main = self._load(self.split)
         rows = list(range(len(main)))
         random.Random(self.data_seed).shuffle(rows)
+        default_size = min(EVAL_CAP, max(EVAL_FLOOR, round(EVAL_FRACTION * len(main))))
         out: dict[str, list[Example]] = {}
-        for split, source, size in (("test", self.test_split, self.num_test), ("val", self.val_split, self.num_val)):
+        for split, source in (("test", self.test_split), ("val", self.val_split)):
+            size = getattr(self, f"num_{split}")
+            if self._fraction_sizes[split] and source is None:
+                size = default_size
+                setattr(self, f"num_{split}", size)
+            elif self._fraction_sizes[split]:
+                size = min(EVAL_CAP, len(self._load(source)))
+                setattr(self, f"num_{split}", size)
             if source is not None:
                 ds = self._load(source)
                 if len(ds) < size:

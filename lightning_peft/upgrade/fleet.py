@@ -44,6 +44,7 @@ from lightning_peft.adapter_io import (
     save_adapter,
 )
 from lightning_peft.atomic import atomic_write_text
+from lightning_peft.registry import spec_for_peft_type
 from lightning_peft.upgrade.agreement import Agreement, agreement
 from lightning_peft.upgrade.record import DISCRIMINATOR_DIR, RECORD_ATTR, AdapterRecord, read_record
 
@@ -279,7 +280,8 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, bases: _Base
     config, _, _ = read_adapter(folder)
     record = read_record(folder)
     old = old_base(folder, record, config, cfg)
-    method = str(getattr(config.peft_type, "value", config.peft_type)).lower()  # MERGE16: spec_for_peft_type
+    spec = spec_for_peft_type(config.peft_type)
+    method = spec.name if spec else str(getattr(config.peft_type, "value", config.peft_type)).lower()
     reference, ref_tok = bases.adapted(old, folder)
     inputs, ref_outputs, synthetic = _check_inputs(folder, record, old, cfg, target, reference, ref_tok)
     scores: dict[str, Any] = {}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
 
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.methods.lora.config import LoRAConfig
@@ -11,7 +15,26 @@ from lightning_peft.registry import register_method
 __all__ = ["LoRA", "LoRAConfig"]
 
 
-@register_method("lora")
+def bank_deltas(layer: nn.Module, adapter: str) -> list[Any]:
+    """AdapterBank's view of a peft LoRA layer: one low-rank term."""
+    from lightning_peft.bank import LowRankTerm
+
+    if adapter not in layer.lora_A:
+        return []
+    return [LowRankTerm(layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone(),
+                        float(layer.scaling[adapter]), bool(getattr(layer, "fan_in_fan_out", False)))]
+
+
+def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
+    """AdapterBank's view of one weight in a LoRA folder (``lora_A.weight``, ``lora_B.weight``)."""
+    from lightning_peft.bank import LowRankTerm, lora_scale
+
+    a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+    return [LowRankTerm(a, b, lora_scale(config, a.shape[0]), bool(config.fan_in_fan_out))]
+
+
+@register_method("lora", layer_classes=(LoraLayer,), prefix="lora_", bank_deltas=bank_deltas, bank_tensors=bank_tensors,
+                 fsdp=True)
 class LoRA(AdapterCallback):
     """Add LoRA adapters to any LightningModule: ``Trainer(callbacks=[LoRA(r=8)])``.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_peft.config import AdapterConfig
+from lightning_peft.config import AdapterConfig, check_number
 
 
 @dataclass
@@ -30,7 +30,5 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}; use r >= 1 (typical 4-64)")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got alpha={self.alpha!r}; the usual choice is alpha = 2 * r")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
+        check_number("LoRA", "alpha", self.alpha, low=0, hint="the usual choice is alpha = 2 * r")
+        check_number("LoRA", "dropout", self.dropout, low=0, high=1, low_open=False, high_open=True, hint="e.g. 0.05")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -32,7 +32,8 @@ from typing_extensions import override
 
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.kernels import SparseIndex
-from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, RoSAConfig, RosaConfig
+from lightning_peft.methods._sparse import random_mask, topk_mask
+from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, MaskCriterion, RoSAConfig, RosaConfig
 from lightning_peft.methods.rosa.layer import RosaLayer
 from lightning_peft.methods.rosa.mask import (
     GradientCollector,
@@ -40,7 +41,6 @@ from lightning_peft.methods.rosa.mask import (
 )
 from lightning_peft.methods.rosa.model import RosaModel, register
 from lightning_peft.registry import register_method
-from lightning_peft.sparse_delta import random_mask, topk_mask
 
 __all__ = ["RoSA", "RoSAConfig", "RosaConfig", "RosaLayer", "RosaModel", "SparseRoSA"]
 
@@ -48,7 +48,47 @@ log = logging.getLogger(__name__)
 register()  # peft learns the "ROSA" type: PeftModel.from_pretrained can load RoSA folders
 
 
-@register_method("rosa")
+def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
+    """AdapterBank's view of a RoSA layer: the sparse ``S`` (once its mask exists) and the LoRA ``s B A``, both in
+    the base weight's own layout (``(in, out)`` for ``Conv1D``)."""
+    from lightning_peft.bank import LowRankTerm
+
+    if adapter not in layer.rosa_values:
+        return []
+    terms: list[Any] = []
+    if layer.mask_ready(adapter):
+        idx = layer.sparse_index(adapter)
+        terms.append(_sparse_in_weight_layout(idx.row, idx.col, layer.rosa_values[adapter].detach(),
+                                              tuple(layer.get_base_layer().weight.shape), layer.fan_in_fan_out, ""))
+    if layer.r[adapter] > 0:
+        terms.append(LowRankTerm(layer.rosa_A[adapter].detach().clone(), layer.rosa_B[adapter].detach().clone(),
+                                 float(layer.scaling[adapter]), bool(getattr(layer, "fan_in_fan_out", False))))
+    return terms
+
+
+def _sparse_in_weight_layout(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                             transposed: bool, path: str) -> Any:
+    """RoSA's ``(out, in)`` positions as a term on the stored weight (``shape``; ``(in, out)`` if ``transposed``)."""
+    from lightning_peft.bank import sparse_term
+
+    return sparse_term(torch.stack([col, row] if transposed else [row, col]), values, shape, path)
+
+
+def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
+    """AdapterBank's view of one weight in a RoSA folder (``rosa_values/row/col``, ``rosa_A/B``)."""
+    from lightning_peft.bank import LowRankTerm
+
+    terms: list[Any] = []
+    row, col = parts["rosa_row"], parts["rosa_col"]
+    if row.numel() and int(row[0]) >= 0:  # -1: the mask was never built
+        terms.append(_sparse_in_weight_layout(row, col, parts["rosa_values"], shape, config.fan_in_fan_out, path))
+    if config.r > 0:
+        scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+        terms.append(LowRankTerm(parts["rosa_A"], parts["rosa_B"], scale, bool(config.fan_in_fan_out)))
+    return terms
+
+
+@register_method("rosa", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas, bank_tensors=bank_tensors)
 class RoSA(AdapterCallback):
     """Add RoSA adapters (``Delta W = s B A + S``) to any LightningModule.
 
@@ -65,7 +105,9 @@ class RoSA(AdapterCallback):
         warmup_steps: LoRA-only optimizer steps before collecting gradients (ignored for ``r=0``).
         mask_steps: Optimizer steps of gradient collection.
         lora_lr: Learning rate of the LoRA factors (``None``: the optimizer's).
-        sparse_lr: Learning rate of the sparse values (``None``: the optimizer's).
+        sparse_lr: Learning rate of the sparse values (``None``: ``sparse_lr_ratio`` x the optimizer's).
+        sparse_lr_ratio: Fraction of the optimizer's lr the sparse values train at when ``sparse_lr`` is
+            ``None`` (default 2/7, the paper's 2e-4 : 7e-4; ``1.0`` keeps the optimizer's).
         restart_after_mask: Re-initialise the adapter once the masks exist (paper's recipe).
         grad_accumulator_device: ``cpu`` or ``same`` (the weight's device).
         use_rslora: Scale by ``alpha / sqrt(r)``.
@@ -87,13 +129,14 @@ class RoSA(AdapterCallback):
         dropout: float = 0.0,
         target_modules: str | list[str] = "all-linear",
         exclude_modules: str | list[str] | None = None,
-        mask_criterion: str = "fisher",
+        mask_criterion: MaskCriterion = "fisher",
         warmup_steps: int = 64,
         mask_steps: int = 1,
         lora_lr: float | None = None,
         sparse_lr: float | None = None,
+        sparse_lr_ratio: float = 2 / 7,
         restart_after_mask: bool = False,
-        grad_accumulator_device: str = "cpu",
+        grad_accumulator_device: Literal["cpu", "same"] = "cpu",
         use_rslora: bool = False,
         seed: int = 0,
         adapter_name: str = "default",
@@ -102,9 +145,9 @@ class RoSA(AdapterCallback):
             RoSAConfig(
                 target_modules=target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name,
                 r=r, density=density, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                mask_criterion=mask_criterion, warmup_steps=warmup_steps, mask_steps=mask_steps,  # type: ignore[arg-type]
-                lora_lr=lora_lr, sparse_lr=sparse_lr, restart_after_mask=restart_after_mask,
-                grad_accumulator_device=grad_accumulator_device, seed=seed,  # type: ignore[arg-type]
+                mask_criterion=mask_criterion, warmup_steps=warmup_steps, mask_steps=mask_steps,
+                lora_lr=lora_lr, sparse_lr=sparse_lr, sparse_lr_ratio=sparse_lr_ratio, restart_after_mask=restart_after_mask,
+                grad_accumulator_device=grad_accumulator_device, seed=seed,
             )
         )
         self._collectors: dict[str, GradientCollector] = {}
@@ -156,7 +199,8 @@ class RoSA(AdapterCallback):
         # restore_training_state), so a resumed optimizer finds the same groups
         self._module = pl_module
         self._layers = self.layers(pl_module)  # the model is final now (injected, wrapped)
-        if self.config.lora_lr is not None or self.config.sparse_lr is not None:
+        c = self.config
+        if c.lora_lr is not None or c.sparse_lr is not None or c.sparse_lr_ratio != 1.0:
             self._split_param_groups(trainer)
 
     @override
@@ -284,6 +328,8 @@ class RoSA(AdapterCallback):
                     new = {k: v for k, v in group.items() if k != "params"}
                     new["params"] = params
                     lr = lrs.get(part)
+                    if lr is None and part == "sparse" and c.sparse_lr_ratio != 1.0:
+                        lr = group.get("initial_lr", group["lr"]) * c.sparse_lr_ratio
                     if lr is not None:
                         # keep the scheduler's current factor: lr_now / initial_lr of the original group
                         factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
@@ -292,7 +338,9 @@ class RoSA(AdapterCallback):
                         new["lr"] = lr * factor
                     groups.append(new)
                     origin.append(gi)
-            if len(groups) == len(optimizer.param_groups) and all(lrs.get(k) is None for k in ("lora", "sparse")):
+            if len(groups) == len(optimizer.param_groups) and all(
+                g["lr"] == optimizer.param_groups[o]["lr"] for g, o in zip(groups, origin, strict=True)
+            ):
                 continue
             optimizer.param_groups = groups
             for config in trainer.lr_scheduler_configs:
@@ -318,13 +366,8 @@ class RoSA(AdapterCallback):
             if reduce is not None:  # rank 0 writes the file: store the sum over all ranks
                 total, count = reduce(total), reduce(count)
             collectors[layer_name] = {"total": total.detach().cpu().clone(), "count": int(count.item())}
-        name = self.config.adapter_name
-        masks = {
-            n: (m.rosa_row[name].detach().cpu().clone(), m.rosa_col[name].detach().cpu().clone())
-            for n, m in self.layers().items()
-            if m.mask_ready(name)
-        }
-        state.update(phase=self.phase(getattr(trainer, "global_step", 0)), collectors=collectors, masks=masks)
+        # the masks themselves are in the model's state dict (rosa_row/rosa_col, compact in checkpoints)
+        state.update(phase=self.phase(getattr(trainer, "global_step", 0)), collectors=collectors)
         return state
 
     @override
@@ -335,13 +378,16 @@ class RoSA(AdapterCallback):
         self._pending_masks = dict(state_dict.get("masks", {}))
 
 
-@register_method("rosa_sparse")
+@register_method("rosa_sparse", peft_type="ROSA", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas,
+                 bank_tensors=bank_tensors)
 class SparseRoSA(RoSA):
     """Sparse-only RoSA (``r = 0``), the paper's "SpA" baseline; registered as ``rosa_sparse``.
 
-    Same arguments as :class:`RoSA` with ``r=0`` and ``density=0.012`` (the paper compares RoSA at
-    0.6% with sparse-only at 1.2%, about the same parameter count for ``r = 16``).
+    Same arguments as :class:`RoSA` with ``r=0``, ``density=0.012`` (the paper compares RoSA at 0.6%
+    with sparse-only at 1.2%, about the same parameter count for ``r = 16``) and
+    ``sparse_lr_ratio=1.0``: without a LoRA part there is no warm-up for the first sparse step to
+    undo, and ``S`` is the whole adapter, so it trains at the optimizer's rate.
     """
 
-    def __init__(self, r: int = 0, density: float = 0.012, **kwargs: Any) -> None:
-        super().__init__(r=r, density=density, **kwargs)
+    def __init__(self, r: int = 0, density: float = 0.012, sparse_lr_ratio: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(r=r, density=density, sparse_lr_ratio=sparse_lr_ratio, **kwargs)

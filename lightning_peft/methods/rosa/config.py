@@ -16,7 +16,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from lightning_peft.config import AdapterConfig
+from lightning_peft.config import AdapterConfig, check_number
+from lightning_peft.methods._sparse.mask import check_density
 
 MaskCriterion = Literal["fisher", "mean", "weight_magnitude", "random"]
 MASK_CRITERIA: tuple[str, ...] = ("fisher", "mean", "weight_magnitude", "random")
@@ -27,12 +28,8 @@ GRADIENT_CRITERIA: tuple[str, ...] = ("fisher", "mean")
 def _check_r_density(who: str, r: object, density: object) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"{who}: rank r must be an int >= 0 (0 = sparse-only), got r={r!r}; typical 4-16")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(
-            f"{who}: density must be a float in (0, 1] (fraction of each weight trained sparsely), got "
-            f"density={density!r}; the paper uses 0.0045-0.018 (e.g. 0.006). For LoRA without a sparse part "
-            "use lightning_peft.LoRA."
-        )
+    check_density(density, who, hint="the paper uses 0.0045-0.018 (e.g. 0.006); for LoRA without a sparse part "
+                  "use lightning_peft.LoRA")
 
 
 @dataclass
@@ -63,7 +60,14 @@ class RoSAConfig(AdapterConfig):
         mask_steps: Optimizer steps over which gradients are collected (paper: 1 step of 32
             micro-batches).
         lora_lr: Learning rate of the LoRA factors (paper: 7e-4); ``None`` keeps the user's.
-        sparse_lr: Learning rate of the sparse values (paper: 2e-4); ``None`` keeps the user's.
+        sparse_lr: Learning rate of the sparse values (paper: 2e-4); ``None``: ``sparse_lr_ratio``
+            times the user's.
+        sparse_lr_ratio: With ``sparse_lr=None``, the sparse values train at this fraction of the
+            learning rate of the param group they are in. Default ``2/7``: the paper's 2e-4 for ``S``
+            against 7e-4 for LoRA (its released configs). At the full LoRA rate the Fisher-selected
+            entries (the most sensitive ones) undo the warm-up at the first joint step (reported on a
+            270M pretrained model at lr 2e-3: loss 1.29 -> 3.75). ``1.0`` keeps the user's rate; on
+            the zoo's tiny Llama (far from a sharp optimum) it gives the better adapter.
         restart_after_mask: Re-initialise the adapter (LoRA Kaiming/zero, ``S`` zero, fresh
             optimizer state) once the masks exist: the paper's recipe.
         grad_accumulator_device: ``cpu`` keeps the dense per-layer accumulators in host memory (as
@@ -81,6 +85,7 @@ class RoSAConfig(AdapterConfig):
     mask_steps: int = 1
     lora_lr: float | None = None
     sparse_lr: float | None = None
+    sparse_lr_ratio: float = 2 / 7
     restart_after_mask: bool = False
     grad_accumulator_device: Literal["cpu", "same"] = "cpu"
     seed: int = 0
@@ -88,10 +93,8 @@ class RoSAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_r_density("RoSA", self.r, self.density)
-        if self.alpha <= 0:
-            raise ValueError(f"RoSA alpha must be > 0, got alpha={self.alpha!r}; the paper uses alpha=16")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"RoSA dropout must be in [0, 1), got dropout={self.dropout!r}")
+        check_number("RoSA", "alpha", self.alpha, low=0, hint="the paper uses alpha=16")
+        check_number("RoSA", "dropout", self.dropout, low=0, high=1, low_open=False, high_open=True)
         if self.mask_criterion not in MASK_CRITERIA:
             raise ValueError(
                 f"RoSA mask_criterion must be one of {', '.join(MASK_CRITERIA)}, got {self.mask_criterion!r}; "
@@ -106,6 +109,8 @@ class RoSAConfig(AdapterConfig):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"RoSA {key} must be a positive float or None (keep the optimizer's), got {value!r}")
+        check_number("RoSA", "sparse_lr_ratio", self.sparse_lr_ratio, low=0, high=1,
+                     hint="the paper's ratio is 2/7 (2e-4 vs 7e-4); 1.0 keeps the optimizer's lr")
         if self.r == 0 and self.lora_lr is not None:
             raise ValueError(f"RoSA lora_lr={self.lora_lr!r} with r=0: a sparse-only adapter has no LoRA part; drop lora_lr")
         if self.grad_accumulator_device not in ("cpu", "same"):

@@ -12,10 +12,10 @@ Per adapter ``a`` the layer holds ``rosa_A[a]`` ``(r, in)`` (Kaiming), ``rosa_B[
 start, so neither the optimizer nor a checkpoint ever sees a shape change. Until the mask is built
 the index holds the sentinel ``-1`` and the sparse part is inactive.
 
-The sparse part runs through :func:`lightning_peft.kernels.sparse_delta_linear` (in-place
-``W[idx] += S``, one GEMM, exact restore; ``dS`` by SDDMM, never a dense ``dW``). Several active
-adapters are summed into one sparse delta on the union of their masks (one kernel call); the
-gradient of each adapter's values is gathered from the union's.
+The sparse part is the shared core (:class:`~lightning_peft.methods._sparse.core.SparseDeltaCore`):
+:func:`lightning_peft.kernels.sparse_delta_linear` (in-place ``W[idx] += S``, one GEMM, exact
+restore; ``dS`` by SDDMM, never a dense ``dW``), several active adapters summed on the cached
+union of their masks, and the exact merge stack.
 
 GPT-2's ``Conv1D`` stores ``W`` as ``(in, out)``: masks and deltas are always in ``(out, in)``
 coordinates and the kernel is handed the transposed view ``W.T``.
@@ -33,8 +33,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore, sparse_delta_linear
-from lightning_peft.sparse_delta import _nnz_for
+from lightning_peft.kernels import SparseIndex, scatter_add
+from lightning_peft.methods._sparse import SparseDeltaCore, nnz_for
+from lightning_peft.methods._sparse.storage import INDEX_CODES, decode_index, encode_index
 
 __all__ = ["Linear", "RosaLayer"]
 
@@ -56,7 +57,11 @@ def _refresh_after_load(module: RosaLayer, incompatible_keys: Any) -> None:
     module.refresh_mask_state()
 
 
-class RosaLayer(BaseTunerLayer):
+def _decode_index(module: RosaLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module.decode_index_state(state_dict, prefix)
+
+
+class RosaLayer(BaseTunerLayer, SparseDeltaCore):
     """Adapter protocol of a RoSA layer (peft ``BaseTunerLayer``); :class:`Linear` is the module.
 
     Attributes:
@@ -83,9 +88,8 @@ class RosaLayer(BaseTunerLayer):
         self.rosa_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merge_saved: list[tuple[str, torch.Tensor]] = []  # stack: exact unmerge, never subtraction
         self._ready: dict[str, bool] = {}  # mask built? (cached: reading the sentinel syncs a GPU)
-        self._union: dict[tuple[str, ...], tuple[SparseIndex, list[torch.Tensor]]] = {}
+        self.init_sparse_core()
         self.grad_collectors: dict[str, Any] = {}  # adapter -> callable(grad_out, x), see mask.py
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.kwargs = kwargs
@@ -95,13 +99,8 @@ class RosaLayer(BaseTunerLayer):
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, density: float,
         use_rslora: bool = False, inference_mode: bool = False,
     ) -> None:
-        """Add adapter ``adapter_name`` with all tensors at their final size.
-
-        Raises:
-            ValueError: ``r < 0`` or ``density`` outside ``(0, 1]``.
-        """
-        if r < 0 or not 0.0 < density <= 1.0:
-            raise ValueError(f"RoSA layer needs r >= 0 and density in (0, 1], got r={r}, density={density}")
+        """Add adapter ``adapter_name`` with all tensors at their final size (``r``, ``density``: checked by
+        :class:`~lightning_peft.methods.rosa.config.RosaConfig`)."""
         self.r[adapter_name] = r
         self.density[adapter_name] = float(density)
         self.scaling[adapter_name] = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0
@@ -110,11 +109,12 @@ class RosaLayer(BaseTunerLayer):
             self.rosa_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))  # (r, in)
             self.rosa_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))  # (out, r)
             nn.init.kaiming_uniform_(self.rosa_A[adapter_name], a=math.sqrt(5))  # as nn.Linear / peft LoRA
-        nnz = _nnz_for(density, self.in_features * self.out_features)
+        nnz = nnz_for(density, self.in_features * self.out_features)
         self.rosa_values[adapter_name] = nn.Parameter(torch.zeros(nnz))  # (nnz,)
         self.rosa_row[adapter_name] = torch.full((nnz,), _UNSET, dtype=torch.int32)  # (nnz,)
         self.rosa_col[adapter_name] = torch.full((nnz,), _UNSET, dtype=torch.int32)  # (nnz,)
         self._ready[adapter_name] = False
+        self.forget_masks()
         self._move_adapter_to_device_of_base_layer(adapter_name)  # device and float dtype of the base
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -125,9 +125,30 @@ class RosaLayer(BaseTunerLayer):
             self._ready[adapter] = bool(self.rosa_row[adapter].numel()) and int(self.rosa_row[adapter][0]) != _UNSET
         return self._ready[adapter]
 
-    def index(self, adapter: str) -> SparseIndex:
+    def sparse_index(self, adapter: str) -> SparseIndex:
         """``adapter``'s mask in ``(out, in)`` coordinates (only meaningful once :meth:`mask_ready`)."""
         return SparseIndex(self.rosa_row[adapter], self.rosa_col[adapter], (self.out_features, self.in_features))
+
+    index = sparse_index
+
+    def encode_index_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Checkpoints: ``rosa_row``/``rosa_col`` become ``rosa_row.<a>:<code>`` (CSR + int16 or flat int32)."""
+        for a in self.rosa_values:
+            rk, ck = f"{prefix}rosa_row.{a}", f"{prefix}rosa_col.{a}"
+            if rk in state_dict and ck in state_dict:
+                codes = encode_index(state_dict.pop(rk), state_dict.pop(ck), (self.out_features, self.in_features))
+                state_dict.update({f"{rk}:{code}": t for code, t in codes.items()})
+
+    def decode_index_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        for a in self.rosa_values:
+            rk = f"{prefix}rosa_row.{a}"
+            parts = {c: state_dict.pop(f"{rk}:{c}") for c in INDEX_CODES if f"{rk}:{c}" in state_dict}
+            if parts:
+                state_dict[rk], state_dict[f"{prefix}rosa_col.{a}"] = decode_index(parts, (self.out_features, self.in_features))
+
+    def sparse_values(self, adapter: str) -> torch.Tensor:
+        """``adapter``'s ``(nnz,)`` sparse values (RoSA's ``S`` is not scaled)."""
+        return self.rosa_values[adapter]
 
     @torch.no_grad()
     def set_mask(self, adapter: str, index: SparseIndex) -> None:
@@ -149,12 +170,12 @@ class RosaLayer(BaseTunerLayer):
         self.rosa_col[adapter].copy_(index.col)
         self.rosa_values[adapter].zero_()
         self._ready[adapter] = True
-        self._union.clear()
+        self.forget_masks()
 
     def refresh_mask_state(self) -> None:
         """Forget cached mask facts (after a state-dict load replaced the index buffers)."""
         self._ready.clear()
-        self._union.clear()
+        self.forget_masks()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (peft's bookkeeping) and the cached facts about its mask."""
@@ -200,6 +221,7 @@ class Linear(nn.Module, RosaLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, density, use_rslora)
+        self.register_load_state_dict_pre_hook(_decode_index)  # checkpoints hold compact indices
         self.register_load_state_dict_post_hook(_refresh_after_load)  # a function, not a lambda: picklable
 
     # ------------------------------------------------------------------ merge
@@ -222,16 +244,13 @@ class Linear(nn.Module, RosaLayer):
             if safe_merge and not torch.isfinite(w.float() + self.delta_out_in(name)).all():
                 raise ValueError(f"RoSA: merging adapter {name!r} gives non-finite weights; the adapter is broken")
             if self.r[name] > 0:
-                self._merge_saved.append((name, w.data.clone()))
+                w_data = self.push_weight_copy()  # the dense s B A touches every entry
                 if self.mask_ready(name):
-                    scatter_add(w.data, self.index(name), self.rosa_values[name].detach(), 1.0)
+                    scatter_add(w_data, self.index(name), self.rosa_values[name].detach(), 1.0)
                 lora = (self.rosa_B[name].float() @ self.rosa_A[name].float()) * self.scaling[name]  # (out, in)
-                w.data.copy_((w.data.float() + lora).to(w.dtype))
+                w_data.copy_((w_data.float() + lora).to(w.dtype))
             elif self.mask_ready(name):
-                saved = scatter_add(w.data, self.index(name), self.rosa_values[name].detach(), 1.0)  # (nnz,)
-                self._merge_saved.append((name, saved))
-            else:
-                self._merge_saved.append((name, w.data.new_empty(0)))  # nothing to merge yet
+                self.push_sparse_merge(self.index(name), self.rosa_values[name])
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -240,34 +259,10 @@ class Linear(nn.Module, RosaLayer):
         if not self.merged:
             warnings.warn("RoSA: already unmerged, nothing to do", stacklevel=2)
             return
-        w = self.base_weight_out_in()
-        while self._merge_saved:
-            name, saved = self._merge_saved.pop()
-            if saved.shape == w.shape and saved.ndim == 2:
-                w.data.copy_(saved)
-            elif saved.numel():
-                scatter_restore(w.data, self.index(name), saved)
-            self.merged_adapters.remove(name)
+        self.pop_merges()
+        self.merged_adapters.clear()
 
     # ------------------------------------------------------------------ forward
-    def _sparse_operands(self, adapters: list[str]) -> tuple[SparseIndex, torch.Tensor]:
-        """One ``(index, values)`` for the sum of ``adapters``' sparse deltas (union of masks)."""
-        if len(adapters) == 1:
-            a = adapters[0]
-            return self.index(a), self.rosa_values[a]
-        key = tuple(adapters)
-        if key not in self._union:
-            flats = [self.index(a).flat() for a in adapters]  # each (nnz_a,) int64, sorted
-            union = torch.unique(torch.cat(flats))  # (n_union,) sorted
-            positions = [torch.searchsorted(union, f) for f in flats]  # where each adapter's entries go
-            self._union[key] = (SparseIndex.from_flat(union, (self.out_features, self.in_features)), positions)
-        index, positions = self._union[key]
-        dtype = torch.promote_types(self.rosa_values[adapters[0]].dtype, torch.float32)
-        values = torch.zeros(index.nnz, dtype=dtype, device=index.device)
-        for a, pos in zip(adapters, positions, strict=True):  # differentiable: d values_a = d union[pos]
-            values = values.index_add(0, pos, self.rosa_values[a].to(dtype))
-        return index, values.to(self.rosa_values[adapters[0]].dtype)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``y = x (W + sum S)^T + b + sum s dropout(x) A^T B^T`` over the active adapters.
 
@@ -285,13 +280,8 @@ class Linear(nn.Module, RosaLayer):
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.rosa_values]
         sparse = [a for a in active if self.mask_ready(a)]
-        base = self.get_base_layer()
-        if sparse:
-            index, values = self._sparse_operands(sparse)
-            w = self.base_weight_out_in()  # (out, in), frozen
-            result = sparse_delta_linear(x.to(w.dtype), w, values, index, base.bias)  # (..., out)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
+        bias = self.get_base_layer().bias
+        result = self.sparse_linear(x, sparse, bias) if sparse else self.base_layer(x, *args, **kwargs)  # (..., out)
         for a in active:
             if self.r[a] > 0:
                 A, B = self.rosa_A[a], self.rosa_B[a]
@@ -299,7 +289,7 @@ class Linear(nn.Module, RosaLayer):
                 result = result + (F.linear(F.linear(h, A), B) * self.scaling[a]).to(result.dtype)  # (..., out)
             if a not in sparse and self.rosa_values[a].requires_grad and torch.is_grad_enabled():
                 # S is inactive until its mask exists, but DDP needs every trainable parameter used in
-                # every step (integration.md): a zero contribution gives it an exact zero gradient.
+                # every step (torch DDP's reducer, unless find_unused_parameters=True): a zero contribution gives it an exact zero gradient.
                 result = result + (self.rosa_values[a].sum() * 0.0).to(result.dtype)
         if self.grad_collectors and torch.is_grad_enabled() and result.requires_grad:
             # dL/dW of the frozen base weight is dO^T X (out, in); RoSA's code forms it the same way

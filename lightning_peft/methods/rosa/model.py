@@ -1,7 +1,7 @@
 """peft tuner of RoSA, registered with peft when ``lightning_peft`` is imported.
 
 peft 0.21's ``register_peft_method`` only accepts names already in its closed ``PeftType`` enum
-(integration.md), so ``ROSA`` is added to the enum first. After that ``inject_adapter_in_model``,
+(``peft/utils/peft_types.py``), so ``ROSA`` is added to the enum first. After that ``inject_adapter_in_model``,
 ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work with
 :class:`~lightning_peft.methods.rosa.config.RosaConfig`; the index buffers are persistent, so a
 saved folder holds the masks.

@@ -31,19 +31,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.adapter_io import register_injection_context
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import check_resumed_config
 from lightning_peft.kernels import SparseIndex
 from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
 from lightning_peft.methods.shira.mask import build_mask, layer_nnz
+from lightning_peft.peft_compat import check_shira_layers
 from lightning_peft.registry import register_method
 
 __all__ = ["SHiRA", "SHiRAConfig", "ShiraLinear"]
 
 log = logging.getLogger(__name__)
-register_injection_context("SHIRA", shira_layer_class)  # load_adapter builds our layer for shira folders
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -60,7 +59,24 @@ class _MaskLookup:
         return self.masks[id(base_layer)]
 
 
-@register_method("shira")
+def bank_deltas(layer: ShiraLinear, adapter: str) -> list[Any]:
+    """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied)."""
+    from lightning_peft.bank import SparseTerm
+
+    if adapter not in layer.shira_weight:
+        return []
+    return [SparseTerm(layer.sparse_index(adapter), layer.sparse_values(adapter).detach().clone())]
+
+
+def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
+    """AdapterBank's view of one weight in a SHiRA folder (peft's padded ``shira_weight``/``shira_indices``)."""
+    from lightning_peft.bank import sparse_term
+
+    return [sparse_term(parts["shira_indices"], parts["shira_weight"], shape, path)]
+
+
+@register_method("shira", layer_classes=(ShiraLinear,), prefix="shira_", injection_context=shira_layer_class,
+                 bank_deltas=bank_deltas, bank_tensors=bank_tensors)
 class SHiRA(AdapterCallback):
     """Add SHiRA adapters to any LightningModule: ``Trainer(callbacks=[SHiRA(density=0.01)])``.
 
@@ -115,6 +131,7 @@ class SHiRA(AdapterCallback):
                 super().inject(module)
         finally:
             self._module = None
+        check_shira_layers(module.modules())
         for layer in self.layers(module).values():
             layer.use_triton = self.config.use_triton
         return module

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_peft.config import AdapterConfig
+from lightning_peft.methods._sparse.mask import check_density
 
 MaskKind = Literal["random", "struct", "wm", "grad", "snip"]
 MASK_KINDS: tuple[str, ...] = ("random", "struct", "wm", "grad", "snip")
@@ -46,12 +47,7 @@ class SHiRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        d = self.density
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
-            raise ValueError(
-                f"SHiRA density must be a float in (0, 1] (fraction of each weight trained), got density={d!r}; "
-                "the paper uses 0.01-0.02"
-            )
+        check_density(self.density, "SHiRA", hint="the paper uses 0.01-0.02")
         if not callable(self.mask) and self.mask not in MASK_KINDS:
             raise ValueError(
                 f"SHiRA mask must be one of {', '.join(MASK_KINDS)} or a callable (weight, grad_stats) -> "

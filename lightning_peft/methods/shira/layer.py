@@ -4,14 +4,15 @@ Why a subclass of peft's layer rather than our own module: the model then holds 
 layer with peft's attribute names (``shira_weight[adapter]``, ``shira_indices[adapter]``), so
 ``get_peft_model_state_dict``/``save_adapter`` write peft's native ``shira`` folder and
 ``PeftModel.from_pretrained`` (peft's built-in layer) loads it unchanged, and a peft-made
-adapter loads into this layer through peft's own injection. What changes (methods.md section 4):
+adapter loads into this layer through peft's own injection. What changes (Bhardwaj et al. 2024, section 4):
 
 * ``forward``: peft clones ``W`` (``out * in``), adds a ``sparse_coo`` delta and lets autograd
-  form the dense ``(out, in)`` weight gradient. Here :func:`lightning_peft.kernels.sparse_delta_linear`
-  adds ``S`` into ``W`` in place around one GEMM, restores the bits, and computes ``dS`` by
-  SDDMM: no copy, no dense ``dW``; the optimizer only sees ``shira_weight`` ``(nnz,)``.
-* ``merge``/``unmerge``: ``scatter_add`` saving the overwritten originals, then ``scatter_restore``
-  (bit-exact undo) instead of peft's dense ``W +=/-= S`` (which does not round-trip).
+  form the dense ``(out, in)`` weight gradient. Here the shared sparse core
+  (:class:`~lightning_peft.methods._sparse.core.SparseDeltaCore`, also RoSA's) adds ``S`` into ``W``
+  in place around one GEMM, restores the bits, and computes ``dS`` by SDDMM: no copy, no dense
+  ``dW``; the optimizer only sees ``shira_weight`` ``(nnz,)``.
+* ``merge``/``unmerge``: the core's exact merge stack (``scatter_add`` saving the overwritten
+  originals, then ``scatter_restore``) instead of peft's dense ``W +=/-= S`` (which does not round-trip).
 * budget: peft fixes ``nnz = r * (in + out)``; here ``nnz`` is the mask's own count (exactly
   ``round(density * numel)``) and ``shira_indices`` is padded to the adapter's ``r * (in + out)``
   with positions whose saved value is exactly 0 (:func:`~.mask.pad_index`), so the folder still
@@ -33,13 +34,14 @@ from typing import Any
 
 import peft.tuners.shira.model as peft_shira_model
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.shira.layer import Linear as PeftShiraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore, sparse_delta_linear
+from lightning_peft.kernels import SparseIndex
+from lightning_peft.methods._sparse import SparseDeltaCore
+from lightning_peft.methods._sparse.storage import INDEX_CODES, decode_index, encode_index
 from lightning_peft.methods.shira.mask import pad_index
 
 __all__ = ["PEFT_SHIRA_LINEAR", "ShiraLinear", "shira_layer_class"]
@@ -47,7 +49,7 @@ __all__ = ["PEFT_SHIRA_LINEAR", "ShiraLinear", "shira_layer_class"]
 PEFT_SHIRA_LINEAR = PeftShiraLinear  # peft's own layer class (tests and benchmarks compare with it)
 
 
-class ShiraLinear(PeftShiraLinear):
+class ShiraLinear(PeftShiraLinear, SparseDeltaCore):
     """peft's ``shira.Linear`` with a sparse-core forward, exact merge and a saved mask.
 
     Per adapter ``a``:
@@ -66,9 +68,10 @@ class ShiraLinear(PeftShiraLinear):
     def __init__(self, base_layer: nn.Module, mask: Any, adapter_name: str, config: Any, r: int = 0, **kwargs: Any):
         self.shira_nnz: dict[str, int] = {}
         self.calibrating = False
-        self._merge_saved: list[tuple[SparseIndex, torch.Tensor]] = []
+        self.init_sparse_core()
         super().__init__(base_layer, mask, adapter_name, config=config, r=r, **kwargs)
         self.register_state_dict_post_hook(_pad_values_hook)
+        self.register_load_state_dict_pre_hook(_decode_index)  # checkpoints hold compact indices; first
         self.register_load_state_dict_pre_hook(_load_values_hook)
 
     # ------------------------------------------------------------------ adapters
@@ -110,14 +113,55 @@ class ShiraLinear(PeftShiraLinear):
         self.shira_nnz[adapter_name] = index.nnz
         self.shira_weight[adapter_name] = nn.Parameter(init, requires_grad=True)
         self.shira_indices[adapter_name] = pad_index(index.to("cpu"), n_file)
+        self.forget_masks()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def mask_index(self, adapter: str) -> SparseIndex:
+    def sparse_index(self, adapter: str) -> SparseIndex:
         """The adapter's trainable positions (``nnz`` of them, without padding)."""
         idx = self.shira_indices[adapter]
         n = self.shira_nnz[adapter]
         return SparseIndex(idx[0, :n].contiguous(), idx[1, :n].contiguous(), (self.out_features, self.in_features))
+
+    mask_index = sparse_index
+
+    def sparse_values(self, adapter: str) -> torch.Tensor:
+        """``scaling * shira_weight`` ``(nnz,)`` of ``adapter``."""
+        v = self.shira_weight[adapter]
+        return v if self.scaling[adapter] == 1.0 else v * self.scaling[adapter]
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The frozen ``(out, in)`` base weight (peft's shira adapts ``nn.Linear`` only)."""
+        return self.get_base_layer().weight
+
+    def encode_index_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Checkpoints: the ``nnz`` trained positions as ``shira_indices.<a>:<code>`` and the ``nnz`` values; peft's
+        padding (positions from :func:`~.mask.pad_index`, values exact zeros) is recomputed on load."""
+        for a in self.shira_weight:
+            ik, vk, n = f"{prefix}shira_indices.{a}", f"{prefix}shira_weight.{a}", self.shira_nnz[a]
+            if ik not in state_dict:
+                continue
+            idx = state_dict.pop(ik)[:, :n]
+            if vk in state_dict:
+                state_dict[vk] = state_dict[vk][:n].clone()
+            state_dict.update({f"{ik}:{c}": t for c, t in encode_index(idx[0], idx[1], self._out_in()).items()})
+
+    def decode_index_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        for a in self.shira_weight:
+            ik = f"{prefix}shira_indices.{a}"
+            parts = {c: state_dict.pop(f"{ik}:{c}") for c in INDEX_CODES if f"{ik}:{c}" in state_dict}
+            if not parts:
+                continue
+            row, col = decode_index(parts, self._out_in())
+            n_file = self.shira_indices[a].shape[1]
+            state_dict[ik] = pad_index(SparseIndex(row, col, self._out_in()), n_file)
+            vk = f"{prefix}shira_weight.{a}"
+            if vk in state_dict and state_dict[vk].shape[0] < n_file:
+                v = state_dict[vk]
+                state_dict[vk] = torch.cat([v, v.new_zeros(n_file - v.shape[0])])
+
+    def _out_in(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     @torch.no_grad()
     def set_mask(self, adapter: str, index: SparseIndex) -> None:
@@ -137,6 +181,7 @@ class ShiraLinear(PeftShiraLinear):
         buf = self.shira_indices[adapter]
         buf.copy_(pad_index(index.to("cpu"), buf.shape[1]).to(buf.device))
         self.shira_weight[adapter].zero_()
+        self.forget_masks()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``(out, in)`` ``S * scaling`` (for peft utilities and tests; not the training path)."""
@@ -145,23 +190,6 @@ class ShiraLinear(PeftShiraLinear):
         delta = torch.zeros(self.out_features, self.in_features, dtype=self.shira_weight[adapter].dtype, device=w.device)
         delta[index.row.long(), index.col.long()] = self.shira_weight[adapter] * self.scaling[adapter]
         return delta
-
-    def _active_delta(self) -> tuple[torch.Tensor, SparseIndex] | None:
-        """``(values, index)`` of the sum of all active adapters' deltas (positions coalesced)."""
-        active = [a for a in self.active_adapters if a in self.shira_weight]
-        if not active:
-            return None
-        if len(active) == 1:
-            a = active[0]
-            v = self.shira_weight[a]
-            return (v if self.scaling[a] == 1.0 else v * self.scaling[a]), self.mask_index(a)
-        # several adapters: union of positions; index_add sums overlaps and routes each gradient back
-        idx = [self.mask_index(a) for a in active]
-        flat = torch.cat([i.flat() for i in idx])
-        uniq, inv = torch.unique(flat, return_inverse=True)  # sorted unique positions
-        vals = torch.cat([self.shira_weight[a] * self.scaling[a] for a in active])
-        summed = vals.new_zeros(uniq.numel()).index_add(0, inv, vals)  # (n_unique,)
-        return summed, SparseIndex.from_flat(uniq, (self.out_features, self.in_features))
 
     # ------------------------------------------------------------------ forward / merge
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -177,17 +205,10 @@ class ShiraLinear(PeftShiraLinear):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        delta = None if (self.merged or self.calibrating) else self._active_delta()
-        if delta is None:  # merged (delta inside W), no adapter, or calibration (dense dW wanted)
+        active = [a for a in self.active_adapters if a in self.shira_weight]
+        if self.merged or self.calibrating or not active:  # delta inside W, calibration (dense dW wanted), none
             return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        w = base.weight
-        values, index = delta
-        use_triton = getattr(self, "use_triton", None)
-        if w.requires_grad and torch.is_grad_enabled():  # e.g. a user unfroze W: keep autograd's dense path
-            merged = w.index_put((index.row.long(), index.col.long()), values.to(w.dtype), accumulate=True)
-            return F.linear(x.to(w.dtype), merged, base.bias)
-        return sparse_delta_linear(x.to(w.dtype), w, values.to(w.dtype), index, base.bias, use_triton=use_triton)
+        return self.sparse_linear(x, active, self.get_base_layer().bias, use_triton=getattr(self, "use_triton", None))
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -197,27 +218,22 @@ class ShiraLinear(PeftShiraLinear):
             ValueError: ``safe_merge`` and the merged weight would hold NaN/inf (``W`` is left as it was).
         """
         names = check_adapters_to_merge(self, adapter_names)
-        w = self.get_base_layer().weight.data
+        w = self.base_weight_out_in()
+        use_triton = getattr(self, "use_triton", None)
         for a in names:
             if a not in self.shira_weight:
                 continue
-            index = self.mask_index(a)
-            values = self.shira_weight[a].detach() * self.scaling[a]
-            saved = scatter_add(w, index, values, 1.0, use_triton=getattr(self, "use_triton", None))
-            if safe_merge and not torch.isfinite(w[index.row.long(), index.col.long()]).all():
-                scatter_restore(w, index, saved)
+            index = self.sparse_index(a)
+            if safe_merge and not torch.isfinite(w[index.row.long(), index.col.long()] + self.sparse_values(a)).all():
                 raise ValueError(f"NaN/inf in the merged weights: adapter {a!r} seems to be broken; it was not merged")
-            self._merge_saved.append((index, saved))
+            self.push_sparse_merge(index, self.sparse_values(a), use_triton=use_triton)
             self.merged_adapters.append(a)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight bit-exactly (saved originals written back in reverse order)."""
-        w = self.get_base_layer().weight.data
-        while self.merged_adapters:
-            self.merged_adapters.pop()
-            index, saved = self._merge_saved.pop()
-            scatter_restore(w, index, saved, use_triton=getattr(self, "use_triton", None))
+        self.pop_merges(use_triton=getattr(self, "use_triton", None))
+        self.merged_adapters.clear()
 
 
 # ---------------------------------------------------------------------- state-dict hooks
@@ -228,6 +244,10 @@ def _pad_values_hook(module: ShiraLinear, state_dict: dict[str, Any], prefix: st
         if key in state_dict and state_dict[key].shape[0] < idx.shape[1]:
             v = state_dict[key]
             state_dict[key] = torch.cat([v.detach(), v.new_zeros(idx.shape[1] - v.shape[0])])
+
+
+def _decode_index(module: ShiraLinear, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module.decode_index_state(state_dict, prefix)
 
 
 def _load_values_hook(module: ShiraLinear, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -254,6 +274,7 @@ def _load_values_hook(module: ShiraLinear, state_dict: dict[str, Any], prefix: s
             module.shira_nnz[a] = v.shape[0]
         if ikey in state_dict:
             state_dict[ikey] = idx.to(torch.int32)
+    module.forget_masks()
 
 
 @contextmanager

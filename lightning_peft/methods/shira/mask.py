@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lightning_peft.kernels import SparseIndex
-from lightning_peft.sparse_delta import random_mask, topk_mask
+from lightning_peft.methods._sparse import nnz_for, random_mask, topk_mask
 
 __all__ = ["build_mask", "layer_nnz", "pad_index", "struct_mask"]
 
@@ -39,7 +39,7 @@ def layer_nnz(out_features: int, in_features: int, density: float, r: int | None
         ValueError: the budget exceeds the layer (``nnz > out * in``).
     """
     numel = out_features * in_features
-    nnz = r * (out_features + in_features) if r is not None else min(numel, max(1, round(float(density) * numel)))
+    nnz = r * (out_features + in_features) if r is not None else nnz_for(density, numel)
     if nnz > numel:
         raise ValueError(
             f"SHiRA r={r} asks for r * (in + out) = {nnz} trainable entries in a {out_features}x{in_features} layer "

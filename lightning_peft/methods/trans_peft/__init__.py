@@ -60,6 +60,8 @@ class TransPEFT(L.Callback):
         NoFFNFoundError: (at fit start) no FFN found; the message names candidates.
     """
 
+    config_cls = TransPEFTConfig
+
     def __init__(
         self, mask_p: float = 0.0, drop_p: float = 0.1, ffn_modules: str | list[str] = "auto", seed: int = 0
     ) -> None:

@@ -55,7 +55,7 @@ def _has(module: nn.Module, *names: str) -> bool:
 def _auto_site(name: str, module: nn.Module) -> FFNSite | None:
     if isinstance(module, BaseTunerLayer):
         return None
-    if _has(module, "gate_proj", "up_proj", "down_proj"):
+    if _has(module, "gate_proj", "up_proj", "down_proj") or _has(module, "gate_up_proj", "down_proj"):  # Phi-3 fuses
         return FFNSite(name, "gated", [module], module.down_proj)
     if _has(module, "c_fc", "c_proj") and not hasattr(module, "c_attn"):
         return FFNSite(name, "gpt2", [module], module.c_proj)
@@ -114,7 +114,8 @@ def find_ffn_sites(model: nn.Module, ffn_modules: str | list[str] = "auto") -> l
     if not sites:
         hints = [n for n, _ in model.named_modules() if re.search(r"(mlp|ffn|feed_?forward|fc\d)$", n, re.I)][:5]
         how = (
-            "auto-discovery knows gated MLPs (gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, Gemma), "
+            "auto-discovery knows gated MLPs (gate_proj/up_proj/down_proj: Llama, Mistral, Qwen, Gemma; gate_up_proj/"
+            "down_proj: Phi-3), "
             "GPT-2 MLPs (c_fc/c_proj) and OPT-style layers (fc1/fc2)"
             if ffn_modules == "auto"
             else "no module name matched"

@@ -1,0 +1,135 @@
+"""The sparse-delta layer core: what a RoSA layer and a SHiRA layer do with their sparse parts, once.
+
+Both methods give each adapter ``a`` of a frozen weight ``W`` ``(out, in)`` a sparse delta
+``S_a`` = ``nnz_a`` (position, value) pairs (RoSA: Nikdan et al., ICML 2024, arXiv 2401.04679,
+section 3, next to a LoRA branch; SHiRA: Bhardwaj et al., NeurIPS 2024, arXiv 2406.13175, alone)::
+
+    forward (active adapters A):  y = x (W + sum_{a in A} S_a)^T + b
+        one (index, values) on the union of the active masks (cached per adapter set), then
+        sparse_delta_linear: W[idx] += S in place, one GEMM, exact restore, dS by SDDMM;
+        training above DENSE_FALLBACK_DENSITY: dense GEMM on a merged copy, dS gathered from dW
+    merge:    saved = W[idx_a]; W[idx_a] += S_a       (or a full copy when the caller adds a dense part)
+    unmerge:  the saved bits written back in reverse order: W bit-identical, never a subtraction
+
+:class:`SparseDeltaCore` is a mixin of the peft tuner layers
+(:class:`~lightning_peft.methods.rosa.layer.Linear`,
+:class:`~lightning_peft.methods.shira.layer.ShiraLinear`); a layer provides three facts about
+its adapters (:meth:`~SparseDeltaCore.sparse_index`, :meth:`~SparseDeltaCore.sparse_values`,
+:meth:`~SparseDeltaCore.base_weight_out_in`) and calls :meth:`~SparseDeltaCore.forget_masks`
+whenever an index changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore, sparse_delta_linear
+from lightning_peft.methods._sparse.mask import dense_fallback_density
+
+__all__ = ["SparseDeltaCore"]
+
+
+class SparseDeltaCore:
+    """Mixin: the union of active masks, the sparse forward with its dense fallback, the exact merge stack."""
+
+    # ------------------------------------------------------------------ provided by the layer
+    def sparse_index(self, adapter: str) -> SparseIndex:
+        """``adapter``'s ``nnz`` positions in ``(out, in)`` coordinates."""
+        raise NotImplementedError
+
+    def sparse_values(self, adapter: str) -> torch.Tensor:
+        """``adapter``'s ``(nnz,)`` values with its scaling applied (differentiable)."""
+        raise NotImplementedError
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The frozen base weight as ``(out, in)`` (a transposed view for ``Conv1D``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def init_sparse_core(self) -> None:
+        """Call once in the layer's ``__init__``."""
+        self._union: dict[tuple, tuple[SparseIndex, list[torch.Tensor]]] = {}
+        self._merge_saved: list[tuple[SparseIndex | None, torch.Tensor]] = []
+
+    def forget_masks(self) -> None:
+        """Drop cached unions (an index was replaced: ``set_mask``, a state-dict load, a new adapter)."""
+        self._union.clear()
+
+    # ------------------------------------------------------------------ forward
+    def sparse_operands(self, adapters: list[str]) -> tuple[SparseIndex, torch.Tensor]:
+        """One ``(index, values)`` for ``sum_a S_a``: the union of the masks (computed once per adapter set
+        and device), values summed by ``index_add`` so each adapter's gradient is gathered from the union's."""
+        if len(adapters) == 1:
+            return self.sparse_index(adapters[0]), self.sparse_values(adapters[0])
+        indices = [self.sparse_index(a) for a in adapters]
+        key = (*adapters, indices[0].row.device)
+        if key not in self._union:
+            flats = [i.flat() for i in indices]  # (nnz_a,) int64 each
+            union = torch.unique(torch.cat(flats))  # (n_union,) sorted
+            self._union[key] = (SparseIndex.from_flat(union, indices[0].shape), [torch.searchsorted(union, f) for f in flats])
+        index, positions = self._union[key]
+        parts = [self.sparse_values(a) for a in adapters]
+        dtype = torch.promote_types(parts[0].dtype, torch.float32)
+        values = torch.zeros(index.nnz, dtype=dtype, device=index.device)
+        for v, pos in zip(parts, positions, strict=True):
+            values = values.index_add(0, pos, v.to(dtype))
+        return index, values.to(parts[0].dtype)
+
+    def uses_dense_fallback(self, index: SparseIndex, values: torch.Tensor) -> bool:
+        """Whether a step takes "dense GEMM + gather": training above the device's measured crossover
+        density (:data:`~lightning_peft.methods._sparse.mask.DENSE_FALLBACK_DENSITY`), or a base weight
+        that requires grad (a user unfroze ``W``: autograd's dense path gives it its gradient)."""
+        w = self.base_weight_out_in()
+        if not torch.is_grad_enabled():
+            return False
+        if w.requires_grad:
+            return True
+        return values.requires_grad and index.nnz > dense_fallback_density(w.device) * w.numel()
+
+    def sparse_linear(
+        self, x: torch.Tensor, adapters: list[str], bias: torch.Tensor | None, use_triton: bool | None = None
+    ) -> torch.Tensor:
+        """``x (W + sum_a S_a)^T + bias`` over ``adapters``: ``(..., in) -> (..., out)`` in ``W``'s dtype."""
+        index, values = self.sparse_operands(adapters)
+        w = self.base_weight_out_in()
+        x = x.to(w.dtype)
+        if self.uses_dense_fallback(index, values):
+            merged = w.index_put((index.row.long(), index.col.long()), values.to(w.dtype), accumulate=True)  # (out, in)
+            return F.linear(x, merged, bias)
+        return sparse_delta_linear(x, w, values, index, bias, use_triton=use_triton)
+
+    # ------------------------------------------------------------------ compact checkpoints
+    def encode_index_state(self, state_dict: dict, prefix: str) -> None:
+        """Replace this layer's int32 positions in a checkpoint's ``state_dict`` (keys under ``prefix``) by
+        their compact code (:func:`~lightning_peft.methods._sparse.storage.encode_index`)."""
+        raise NotImplementedError
+
+    def decode_index_state(self, state_dict: dict, prefix: str) -> None:
+        """Undo :meth:`encode_index_state` in place (run as a load pre-hook, before torch copies the buffers)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ merge stack
+    @torch.no_grad()
+    def push_sparse_merge(self, index: SparseIndex, values: torch.Tensor, use_triton: bool | None = None) -> None:
+        """``W[index] += values`` in place, saving the ``nnz`` overwritten originals for :meth:`pop_merges`."""
+        w = self.base_weight_out_in().data
+        self._merge_saved.append((index, scatter_add(w, index, values.detach(), 1.0, use_triton=use_triton)))
+
+    @torch.no_grad()
+    def push_weight_copy(self) -> torch.Tensor:
+        """Save a full copy of ``W`` for :meth:`pop_merges` (before a dense change); returns ``W.data`` ``(out, in)``."""
+        w = self.base_weight_out_in().data
+        self._merge_saved.append((None, w.clone()))
+        return w
+
+    @torch.no_grad()
+    def pop_merges(self, use_triton: bool | None = None) -> None:
+        """Undo every pushed merge in reverse order: ``W`` gets its original bits back."""
+        w = self.base_weight_out_in().data
+        while self._merge_saved:
+            index, saved = self._merge_saved.pop()
+            if index is None:
+                w.copy_(saved)
+            else:
+                scatter_restore(w, index, saved, use_triton=use_triton)
