@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,8 +414,19 @@ def test_distillation_refuses_different_vocabularies(micro_model_dir: str) -> No
         module.configure_model()
 
 
-def test_readme_source_step_saves_adapter_and_discriminator_with_progress_bars(tmp_path) -> None:
-    """`lightning-peft train experiment=translora_source task=...` as typed (default trainer, rich progress bars on).
+def _readme_translora_commands() -> list[list[str]]:
+    """The README's two Trans-LoRA commands, split as a shell would (comments dropped)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "lightning-peft transfer" in b]
+    return [shlex.split(line, comments=True) for line in block.strip().splitlines()]
+
+
+def test_readme_translora_steps_as_typed_with_progress_bars(tmp_path) -> None:
+    """The README's source step and transfer step, as typed (default trainers, rich progress bars on), with the
+    README's own arguments and only short-step / micro-model overrides appended.
 
     The discriminator's own Trainer runs inside the outer fit's `on_fit_end`; with two rich live displays the
     outer teardown used to crash ("pop from empty list") before the source adapter was written.
@@ -422,13 +434,28 @@ def test_readme_source_step_saves_adapter_and_discriminator_with_progress_bars(t
     import subprocess
     import sys
 
-    cmd = ["train", "experiment=translora_source", "task=arithmetic", "model.name_or_path=llama-micro-v1",
-           "trainer.max_steps=2", "task.max_length=64", "task.num_train=16", "task.num_val=0", "task.num_test=4",
-           "module.max_new_tokens=4", "callbacks.translora_discriminator.num_real=8",
-           "callbacks.translora_discriminator.max_steps=2", "callbacks.translora_discriminator.max_new_tokens=16",
-           "logger=csv", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run([sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", *cmd],
+    source_cmd, transfer_cmd = _readme_translora_commands()
+    assert source_cmd[:3] == ["lightning-peft", "train", "experiment=translora_source"]
+    assert transfer_cmd[:2] == ["lightning-peft", "transfer"] and any(a.startswith("num_synthetic=") for a in transfer_cmd)
+    run = [sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())"]
+    source = tmp_path / "source"
+    short = ["task.max_length=64", "task.num_train=16", "task.num_val=0", "task.num_test=4", "logger=csv"]
+    proc = subprocess.run([*run, *source_cmd[1:], "model.name_or_path=llama-micro-v1", "trainer.max_steps=2",
+                           "module.max_new_tokens=4", "callbacks.translora_discriminator.num_real=8",
+                           "callbacks.translora_discriminator.max_steps=2",
+                           "callbacks.translora_discriminator.max_new_tokens=16", *short, f"hydra.run.dir={source}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    assert (tmp_path / "adapter-discriminator" / "adapter_config.json").exists()
+    assert (source / "adapter" / "adapter_config.json").exists()
+    assert (source / "adapter-discriminator" / "adapter_config.json").exists()
+
+    args = [f"source_adapter={source / 'adapter'}" if a.startswith("source_adapter=") else a for a in transfer_cmd[1:]]
+    args = [a for a in args if not a.startswith(("source_model=", "target_model=", "num_synthetic="))]
+    proc = subprocess.run([*run, *args, "source_model=llama-micro-v1", "target_model=qwen2-micro-v1", "num_synthetic=2",
+                           "max_proposed=48", "generate_batch_size=8", "max_new_tokens=16", "label_max_new_tokens=8",
+                           "generator_context=256", "student.trainer_kwargs.max_steps=2", *short,
+                           f"hydra.run.dir={tmp_path / 'transfer'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "transfer" / "synthetic.jsonl").exists()
+
