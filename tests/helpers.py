@@ -154,3 +154,17 @@ def _decode_wandb_run(path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def peft_round_trip(module, base_path: str, folder, ids):
+    """``(ours, untouched, theirs)`` logits on ``ids``: the trained module, the bare base, and peft's own loader
+    (``PeftModel.from_pretrained``) of the saved adapter ``folder`` on a fresh copy of the base."""
+    from peft import PeftModel
+
+    module.eval()
+    with torch.no_grad():
+        ours = module.model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_path).eval()
+        untouched = plain(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(plain, folder).eval()(input_ids=ids).logits
+    return ours, untouched, theirs

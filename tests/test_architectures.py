@@ -11,8 +11,7 @@ import lightning as L
 import pytest
 import torch
 import transformers as tf
-from helpers import EagerLM, token_loader
-from peft import PeftModel
+from helpers import EagerLM, peft_round_trip, token_loader
 from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
@@ -90,12 +89,7 @@ def test_each_method_trains_and_round_trips_through_peft(arch, method: str, tmp_
     assert {n.removesuffix(".base_layer") for n in adapted} == {f"model.{n}" for n in _linear_layers(AutoModelForCausalLM.from_pretrained(folder))}
     out = lp.save_adapter(module, tmp_path / "adapter")
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
-    module.eval()
-    with torch.no_grad():
-        ours = module.model(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(folder).eval()
-        untouched = plain(input_ids=ids).logits
-        theirs = PeftModel.from_pretrained(plain, out).eval()(input_ids=ids).logits
+    ours, untouched, theirs = peft_round_trip(module, folder, out, ids)
     assert not torch.allclose(ours, untouched), "training did not change the adapted output"
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 

@@ -15,12 +15,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import EagerLM, LazyLM, WrappedPlainLM, base_params, save_random_llama, token_loader
+from helpers import (
+    EagerLM,
+    LazyLM,
+    WrappedPlainLM,
+    base_params,
+    peft_round_trip,
+    save_random_llama,
+    token_loader,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
 from lightning_peft import zoo
@@ -171,12 +178,8 @@ def test_peft_round_trip(row: Row, kind: str, base_dir: str, tmp_path: Path) -> 
     _trainer(tmp_path, [lp.create_method(row.name, **row.kwargs)], max_steps=3).fit(module, token_loader())
     folder = lp.save_adapter(module, tmp_path / "adapter")
     ids = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(3))
-    module.eval()
+    ours, untouched, theirs = peft_round_trip(module, base_dir, folder, ids)
     with torch.no_grad():
-        ours = module.model(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-        untouched = plain(input_ids=ids).logits
-        theirs = PeftModel.from_pretrained(plain, folder).eval()(input_ids=ids).logits
         reloaded = lp.load_adapter(_module(kind, base_dir).eval(), folder).model(input_ids=ids).logits
     assert not torch.allclose(ours, untouched), "training did not change the adapted output"
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)

@@ -104,7 +104,7 @@ class HFDatasetTask(PromptCompletionDataModule):
         # sizes left at None are set from the file's length in build_splits; 1 only passes the base's check
         super().__init__(tokenizer, num_train=num_train, num_val=1 if num_val is None else num_val,
                          num_test=1 if num_test is None else num_test, **kwargs)
-        self._fraction_sizes = {"val": num_val is None, "test": num_test is None}
+        self._requested = {"val": num_val, "test": num_test}  # None: a fraction of the rows, set in build_splits
         for what, value in (("prompt_template", prompt_template), ("completion_template", completion_template)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{what} must be a non-empty format string, got {value!r}; e.g. 'Q: {{question}}\\nA:'")
@@ -146,21 +146,17 @@ class HFDatasetTask(PromptCompletionDataModule):
         default_size = min(EVAL_CAP, max(EVAL_FLOOR, round(EVAL_FRACTION * len(main))))
         out: dict[str, list[Example]] = {}
         for split, source in (("test", self.test_split), ("val", self.val_split)):
-            size = getattr(self, f"num_{split}")
-            if self._fraction_sizes[split] and source is None:
-                size = default_size
-                setattr(self, f"num_{split}", size)
-            elif self._fraction_sizes[split]:
-                size = min(EVAL_CAP, len(self._load(source)))
-                setattr(self, f"num_{split}", size)
+            size = self._requested[split]
             if source is not None:
                 ds = self._load(source)
+                size = min(EVAL_CAP, len(ds)) if size is None else size
                 if len(ds) < size:
                     raise ValueError(
                         f"num_{split} must be <= the {len(ds)} rows of split {source!r}, got {size}; lower num_{split}"
                     )
                 out[split] = [self._example(r) for r in ds.select(range(size))]
             else:
+                size = default_size if size is None else size
                 take, rows = rows[:size], rows[size:]
                 if len(take) < size:
                     raise ValueError(
@@ -168,6 +164,7 @@ class HFDatasetTask(PromptCompletionDataModule):
                         f"splits, got {size}; lower num_val/num_test or pass val_split/test_split"
                     )
                 out[split] = [self._example(r) for r in main.select(take)]
+            setattr(self, f"num_{split}", size)
         if self.num_train is not None:
             rows = rows[: self.num_train]
         if not rows:

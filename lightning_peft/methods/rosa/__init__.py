@@ -62,7 +62,7 @@ def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
                                               tuple(layer.get_base_layer().weight.shape), layer.fan_in_fan_out, ""))
     if layer.r[adapter] > 0:
         terms.append(LowRankTerm(layer.rosa_A[adapter].detach().clone(), layer.rosa_B[adapter].detach().clone(),
-                                 float(layer.scaling[adapter]), bool(getattr(layer, "fan_in_fan_out", False))))
+                                 float(layer.scaling[adapter]), layer.fan_in_fan_out))
     return terms
 
 
@@ -76,15 +76,14 @@ def _sparse_in_weight_layout(row: torch.Tensor, col: torch.Tensor, values: torch
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
     """AdapterBank's view of one weight in a RoSA folder (``rosa_values/row/col``, ``rosa_A/B``)."""
-    from lightning_peft.bank import LowRankTerm
+    from lightning_peft.bank import LowRankTerm, lora_scale
 
     terms: list[Any] = []
     row, col = parts["rosa_row"], parts["rosa_col"]
     if row.numel() and int(row[0]) >= 0:  # -1: the mask was never built
         terms.append(_sparse_in_weight_layout(row, col, parts["rosa_values"], shape, config.fan_in_fan_out, path))
     if config.r > 0:
-        scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
-        terms.append(LowRankTerm(parts["rosa_A"], parts["rosa_B"], scale, bool(config.fan_in_fan_out)))
+        terms.append(LowRankTerm(parts["rosa_A"], parts["rosa_B"], lora_scale(config, config.r), bool(config.fan_in_fan_out)))
     return terms
 
 
