@@ -12,7 +12,8 @@ One command on a lent GPU (H100/H200; under 8 minutes, installs nothing beyond t
 2. **Benchmarks** (rows into ``benchmarks/results.csv`` with the GPU's name): the GPU cases of
    ``sparse_ops.py`` (SDDMM vs the cuBLAS dense dW, scatter GB/s, the sparse step vs its dense fallback),
    of ``rosa_step.py`` (a RoSA step vs LoRA at LLaMA-7B layer shapes), and an ``AdapterBank`` switch on a
-   block of LLaMA-7B shapes against a dense ``W += delta``.
+   block of LLaMA-7B shapes against a dense ``W += delta``, and ``serving.py``'s request stream (width-1024
+   Llama, N = 2 and 8: AdapterBank eager/compiled vs peft hotswap eager/compiled, merge, set_adapter).
 3. **Targets** (RoSA's kernels' range): SDDMM <= 0.4x the dense dW GEMM at 1% and <= 0.8x at 2%; scatter
    >= 70% of the device's measured copy bandwidth on the bytes touched; and the density where the sparse
    training step stops beating its dense fallback, the value ``DENSE_FALLBACK_DENSITY["cuda"]`` should take.
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import rosa_step  # noqa: E402
+import serving  # noqa: E402
 import sparse_ops  # noqa: E402
 from harness import append_rows, device_name, row, time_fn  # noqa: E402
 from lightning_peft.kernels import (  # noqa: E402
@@ -176,6 +178,9 @@ def main() -> int:
         (t_l, _, _), (t_r, _, _) = res["lora"], res["rosa"]
         rows.append(row("rosa_step", case, "train_step_ms_vs_lora", t_r * 1e3, t_l * 1e3, device))
     rows += bench_bank_switch(*((64, 96) if dry else (4096, 11008)), device, dtype, repeats)
+    # serving: AdapterBank vs peft hotswap / merge / set_adapter on a request stream (compiled rows on the GPU only)
+    rows += serving.run_model(*(("llama-v1", [2], 16, 2, 4, ["base", "bank", "hotswap"]) if dry else
+                               ("llama-w1024", [2, 8], 16, 8, 32, list(serving.ROWS))), device)[0]
     if dry:
         print("dry run: CPU timings below only show the code paths run; they say nothing about a GPU")
     summarize(rows, copy_bandwidth(device, 8 if dry else 1024))

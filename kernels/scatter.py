@@ -52,18 +52,24 @@ def _idx(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor]:
 def _flat(weight: torch.Tensor, index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(1-D view of W's memory, (nnz,) int64 offsets)`` when W is one dense block (W or W^T).
 
-    Flat ``index_select``/``index_copy_`` are 2-3x faster on CPU than 2-D advanced indexing
-    (4096x11008 fp32, 450k entries: 3.6 vs 11.8 ms to gather, 1.7 vs 4.8 ms to write) and need
-    one int64 index (8 B/nnz) instead of two. ``None`` for other layouts (2-D indexing then).
+    Flat ``index_select``/``index_put_`` are 2-3x faster on CPU than 2-D advanced indexing
+    (4096x11008 fp32, 450k entries: 3.6 vs 11.8 ms to gather) and need one int64 index instead of
+    two; the offsets are cached on the index (:meth:`SparseIndex.offsets`). ``None`` for other
+    layouts (2-D indexing then).
     """
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         return None
-    offsets = index.row.to(torch.int64).mul_(weight.stride(0)).add_(index.col, alpha=weight.stride(1))  # (nnz,)
-    return weight.as_strided((weight.numel(),), (1,)), offsets
+    return weight.as_strided((weight.numel(),), (1,)), index.offsets(weight.stride(0), weight.stride(1))
+
+
+def _write(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> None:
+    # index_put_ rather than index_copy_: 2x faster on CPU (241k sorted positions in a 4096x11008 fp32
+    # weight: 8 vs 16 ms, one thread); both write the same bits
+    buf.index_put_((offsets,), values)
 
 
 def scatter_set_reference(weight: torch.Tensor, index: SparseIndex, values: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference of :func:`scatter_set` (flat ``index_copy_``, no dense temporary)."""
+    """PyTorch reference of :func:`scatter_set` (flat gather and write, no dense temporary)."""
     flat = _flat(weight, index)
     if flat is None:
         rc = _idx(index)
@@ -72,8 +78,15 @@ def scatter_set_reference(weight: torch.Tensor, index: SparseIndex, values: torc
         return saved
     buf, offsets = flat
     saved = buf.index_select(0, offsets)  # (nnz,) in W's dtype
-    buf.index_copy_(0, offsets, values.to(weight.dtype))
+    _write(buf, offsets, values.to(weight.dtype))
     return saved
+
+
+def _added(saved: torch.Tensor, values: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``saved + alpha * values`` summed in fp32 (fp64 if either is), rounded once to ``dtype``."""
+    acc = torch.promote_types(torch.promote_types(saved.dtype, values.dtype), torch.float32)
+    v = values.to(acc) if alpha == 1.0 else values.to(acc) * alpha  # * 1.0 is exact: skipped
+    return (saved.to(acc) + v).to(dtype)
 
 
 def scatter_add_reference(
@@ -81,15 +94,14 @@ def scatter_add_reference(
 ) -> torch.Tensor:
     """PyTorch reference of :func:`scatter_add`: fp32 (or fp64) sum, one rounding to W's dtype."""
     flat = _flat(weight, index)
-    acc = torch.promote_types(torch.promote_types(weight.dtype, values.dtype), torch.float32)
     if flat is None:
         rc = _idx(index)
         saved = weight[rc]  # (nnz,)
-        weight.index_put_(rc, (saved.to(acc) + values.to(acc) * alpha).to(weight.dtype))
+        weight.index_put_(rc, _added(saved, values, alpha, weight.dtype))
         return saved
     buf, offsets = flat
     saved = buf.index_select(0, offsets)  # (nnz,)
-    buf.index_copy_(0, offsets, (saved.to(acc) + values.to(acc) * alpha).to(weight.dtype))
+    _write(buf, offsets, _added(saved, values, alpha, weight.dtype))
     return saved
 
 
@@ -99,7 +111,7 @@ def scatter_restore_reference(weight: torch.Tensor, index: SparseIndex, saved: t
     if flat is None:
         weight.index_put_(_idx(index), saved)
     else:
-        flat[0].index_copy_(0, flat[1], saved)
+        _write(*flat, saved)
 
 
 # ---------------------------------------------------------------------------- triton

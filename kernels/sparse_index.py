@@ -115,6 +115,16 @@ class SparseIndex:
         """``(nnz,)`` int64 positions ``row * in + col`` (sorted ascending)."""
         return self.row.to(torch.int64) * self.shape[1] + self.col.to(torch.int64)
 
+    def offsets(self, stride_out: int, stride_in: int) -> torch.Tensor:
+        """``(nnz,)`` int64 storage offsets ``row * stride_out + col * stride_in`` of the entries in a weight
+        with these strides; computed once per stride pair and kept (8 B/nnz), since switching reads them
+        on every call."""
+        cache = self.__dict__.setdefault("_offsets", {})  # frozen dataclass: a plain attribute cache
+        key = (int(stride_out), int(stride_in))
+        if key not in cache:
+            cache[key] = self.row.to(torch.int64).mul_(key[0]).add_(self.col, alpha=key[1])
+        return cache[key]
+
     def crow(self) -> torch.Tensor:
         """``(out + 1,)`` int64 CSR row offsets (``col`` is already the CSR column array)."""
         counts = torch.bincount(self.row.to(torch.int64), minlength=self.shape[0])

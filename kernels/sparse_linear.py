@@ -165,11 +165,13 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, values, row, col = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _grad_x_op(grad_out, weight, values, row, col, x.dtype, ctx.use_triton)
+    # dS before dX: the SDDMM's temporaries (on CPU a contiguous copy of dO^T, (out, T)) are freed before the
+    # (T, in) dX is allocated, so the two never coexist: the step's peak stays at LoRA's (benchmarks/switching.py)
     if ctx.needs_input_grad[2]:
         grad_values = _grad_values_op(grad_out, x, row, col, weight.shape[0], weight.shape[1], values.dtype,
                                       ctx.use_triton)
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_x_op(grad_out, weight, values, row, col, x.dtype, ctx.use_triton)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
     return grad_x, None, grad_values, None, None, grad_bias, None, None

@@ -26,7 +26,12 @@ LoRA adapters are accepted for comparison with peft's merge semantics: ``W += sc
 rounding leaves ~1 ulp errors that accumulate over switches).
 
 Scatter ops dispatch to Triton on CUDA and to PyTorch index ops on CPU
-(:mod:`lightning_peft.kernels.scatter`).
+(:mod:`lightning_peft.kernels.scatter`). A switch costs two scattered passes over ``nnz`` entries
+(restore the previous adapter, add the next); each scattered entry touches its own cache line, so on CPU it
+is slower than a contiguous copy of as many values (peft's LoRA hotswap) once the weights leave the cache,
+while generation then runs the plain fused base (``benchmarks/serving.py``). Each held adapter keeps its
+values (4 B/entry in fp32), int32 row and column (8 B) and, after its first use, cached int64 storage
+offsets (8 B; :meth:`~lightning_peft.kernels.SparseIndex.offsets`).
 """
 
 from __future__ import annotations

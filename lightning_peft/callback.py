@@ -61,6 +61,7 @@ class AdapterCallback(L.Callback):
 
     method_name: ClassVar[str] = "adapter"
     config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
+    _names_checked: bool = False  # set by `setup` (see `state_key`)
 
     def __init__(self, config: AdapterConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -75,12 +76,18 @@ class AdapterCallback(L.Callback):
     @property
     @override
     def state_key(self) -> str:
-        # distinct per adapter so stacked callbacks of one class keep separate state
-        return f"{type(self).__qualname__}[{self.config.adapter_name}]"
+        # distinct per adapter so stacked callbacks of one class keep separate state. Until `setup` has checked
+        # that no other adapter callback on the trainer uses the same adapter_name, the key is also unique per
+        # instance: Lightning's own duplicate-key check (in Trainer.__init__) would pre-empt our error, which
+        # names the fix. Checkpoints are saved and restored after `setup`, so they always see the stable key.
+        key = f"{type(self).__qualname__}[{self.config.adapter_name}]"
+        return key if self._names_checked else f"{key}#{id(self):x}"
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_strategy(trainer, self.method_name)
+        check_unique_adapter_names(trainer.callbacks)
+        self._names_checked = True
         if is_overridden("configure_model", pl_module):
             _inject_after_configure_model(pl_module, self)
         else:
@@ -219,6 +226,23 @@ def _configure_then_inject(pl_module: L.LightningModule, user_hook: Callable[[],
 
 class AdapterStrategyError(RuntimeError):
     """A stock Lightning strategy that would lose or mis-wrap the adapters; the message names the plugin."""
+
+
+def check_unique_adapter_names(callbacks: list[L.Callback]) -> None:
+    """Refuse two adapter callbacks that inject the same ``adapter_name`` (the second would inject nothing)."""
+    seen: dict[str, AdapterCallback] = {}
+    for cb in callbacks:
+        if not isinstance(cb, AdapterCallback):
+            continue
+        name = cb.config.adapter_name
+        if name in seen:
+            first = type(seen[name]).__name__
+            raise ValueError(
+                f"two adapter callbacks ({first} and {type(cb).__name__}) use adapter_name={name!r}; each stacked "
+                f"adapter needs its own name, e.g. {first}(adapter_name={name!r}) and "
+                f"{type(cb).__name__}(adapter_name={name + '_2'!r})"
+            )
+        seen[name] = cb
 
 
 def check_strategy(trainer: L.Trainer, method: str = "adapter") -> None:

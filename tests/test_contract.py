@@ -31,6 +31,7 @@ from peft import PeftModel
 
 import lightning_peft as lp
 from lightning_peft import zoo
+from lightning_peft.callback import adapter_names
 from lightning_peft.checkpointing import adapter_key_prefixes
 
 
@@ -225,6 +226,22 @@ def test_stacks_with_a_second_adapter(row: Row, base_dir: str, tmp_path: Path) -
         torch.testing.assert_close(layer(x), expected, rtol=1.3e-6, atol=1e-6 * float(expected.abs().max()) + 1e-5)
     v_proj = module.model.model.layers[0].self_attn.v_proj  # holds only `default`: still active
     assert v_proj.active_adapters == ["default"] or "default" in v_proj.active_adapters
+
+
+@pytest.mark.parametrize("second", ["same class", "another method"])
+def test_two_callbacks_with_one_adapter_name_fail_clearly(second: str, base_dir: str, tmp_path: Path) -> None:
+    first = lp.RoSA(r=2, density=0.05)
+    other = lp.RoSA(r=2, density=0.05) if second == "same class" else lp.LoRA(r=2)
+    module = EagerLM(base_dir)
+    trainer = _trainer(tmp_path, [first, other], max_steps=1)  # Lightning's own duplicate-key check passes
+    with pytest.raises(ValueError, match=r"use adapter_name='default'; each stacked adapter needs its own name.*"
+                                         r"adapter_name='default_2'"):
+        trainer.fit(module, token_loader())
+    assert not adapter_names(module) and all(p.requires_grad for p in module.parameters())  # nothing injected
+    # with distinct names the keys are the stable ones that resume looks up
+    ok = [lp.RoSA(r=2, density=0.05), lp.LoRA(r=2, adapter_name="b")]
+    _trainer(tmp_path / "ok", list(ok), max_steps=1).fit(LazyLM(base_dir), token_loader())
+    assert [cb.state_key for cb in ok] == ["RoSA[default]", "LoRA[b]"]
 
 
 def _tuner_chain(layer) -> list:

@@ -24,5 +24,5 @@ def test_gpu_check_dry_run_checks_every_kernel_and_writes_rows(tmp_path: Path) -
                        "sparse_delta_linear", "sparse_delta_linear_dx", "sparse_delta_linear_dS"}
     dtypes = {r[1].split()[1] for r in rows if r[0] == "gpu_check" and r[2] == "max_abs_err_vs_reference"}
     assert dtypes == {"float32", "bfloat16", "float16"}
-    assert {r[0] for r in rows} >= {"gpu_check", "sparse_ops", "rosa_step"}
+    assert {r[0] for r in rows} >= {"gpu_check", "sparse_ops", "rosa_step", "serving"}
     assert "SDDMM at 1%" in proc.stdout and "DENSE_FALLBACK_DENSITY['cuda']" in proc.stdout

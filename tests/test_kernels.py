@@ -91,6 +91,16 @@ def test_index_from_mask_and_flat_agree_sorted_row_major() -> None:
     assert torch.equal(crow[1:] - crow[:-1], mask.sum(1))
 
 
+def test_offsets_address_the_entries_for_either_layout_and_are_computed_once() -> None:
+    w = torch.randn(7, 5)
+    index = SparseIndex.from_flat(torch.tensor([0, 3, 9, 34]), (7, 5))
+    for weight in (w, w.t().contiguous().t()):  # row-major W and a transposed-contiguous W (fan_in_fan_out)
+        off = index.offsets(weight.stride(0), weight.stride(1))
+        flat = weight.as_strided((weight.numel(),), (1,))
+        assert torch.equal(flat[off], weight[index.row.long(), index.col.long()])
+        assert index.offsets(*weight.stride()) is off  # cached: switching reuses them
+
+
 def test_index_empty_and_errors() -> None:
     empty = SparseIndex.from_mask(torch.zeros(OUT, IN, dtype=torch.bool))
     assert empty.nnz == 0 and empty.crow().tolist() == [0] * (OUT + 1)
