@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import _sync, append_rows, device_name, peak_memory, row  # noqa: E402
+from switching import _randomize  # noqa: E402
 
 import lightning_peft as lp  # noqa: E402
 
@@ -86,20 +87,8 @@ def build_model(name: str) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def _randomize(model: nn.Module, seed: int, marker: str) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if marker in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-
-
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _lora_config(model: nn.Module, r: int) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=lp.find_target_modules(model, "all-linear"))
 
 
 def _compile_forward(model: nn.Module) -> Callable[[], None]:
@@ -119,22 +108,22 @@ def setup_row(kind: str, base: nn.Module, n: int, r: int):
         for i, a in enumerate(names):
             src = copy.deepcopy(base)
             lp.SHiRA(r=r, mask="random", seed=i).inject(src)
-            _randomize(src, i, "shira_weight")
+            _randomize(src, i)
             bank.add(a, src)
             del src
-        def kept() -> int:  # values, positions and the cached int64 offsets (SparseIndex.offsets)
+
+        def kept() -> int:  # values + positions (with the offsets cached by the switches)
             terms = [d for ts in bank.adapters.values() for _, d in ts]
-            cached = [o for d in terms for o in d.index.__dict__.get("_offsets", {}).values()]
-            return _bytes(t for d in terms for t in (d.values, d.index.row, d.index.col)) + _bytes(cached)
+            return _bytes(d.values for d in terms) + sum(d.index.nbytes for d in terms)
 
         undo = _compile_forward(base) if kind == "bank-compiled" else lambda: None
         return base, lambda i: bank.activate(names[i]), kept, lambda: (bank.deactivate(), undo())
-    config = _lora_config(base, r)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=lp.find_target_modules(base, "all-linear"))
     model = get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
     if kind.startswith("hotswap"):
         states = []
         for i in range(n):
-            _randomize(model, i, "lora_")
+            _randomize(model, i)
             states.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
         held = _bytes(t for s in states for t in s.values()) + _bytes(p for k, p in model.named_parameters() if "lora_" in k)
         if kind == "hotswap-compiled":
@@ -148,8 +137,7 @@ def setup_row(kind: str, base: nn.Module, n: int, r: int):
     for a in names[1:]:
         model.add_adapter(a, config)
     for i, a in enumerate(names):
-        _randomize(model, i, f"lora_A.{a}.")
-        _randomize(model, 100 + i, f"lora_B.{a}.")
+        _randomize(model, i, (f".{a}.",))
     held = _bytes(p for k, p in model.named_parameters() if "lora_" in k)
     if kind == "set_adapter":
         return model, lambda i: model.set_adapter(names[i]), lambda: held, lambda: None

@@ -59,11 +59,12 @@ class Stack(nn.Module):
         return x
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
+def _randomize(model: nn.Module, seed: int, markers: tuple[str, ...] = ("shira_weight", "lora_")) -> None:
+    """Adapter tensors (names containing one of ``markers``) to ``N(0, 0.01^2)`` from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "shira_weight" in n or "lora_" in n:
+            if any(m in n for m in markers):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
 
 

@@ -125,6 +125,12 @@ class SparseIndex:
             cache[key] = self.row.to(torch.int64).mul_(key[0]).add_(self.col, alpha=key[1])
         return cache[key]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this index holds: ``row``, ``col`` and the offsets cached by :meth:`offsets`."""
+        held = [self.row, self.col, *self.__dict__.get("_offsets", {}).values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
     def crow(self) -> torch.Tensor:
         """``(out + 1,)`` int64 CSR row offsets (``col`` is already the CSR column array)."""
         counts = torch.bincount(self.row.to(torch.int64), minlength=self.shape[0])

@@ -99,6 +99,7 @@ def test_offsets_address_the_entries_for_either_layout_and_are_computed_once() -
         flat = weight.as_strided((weight.numel(),), (1,))
         assert torch.equal(flat[off], weight[index.row.long(), index.col.long()])
         assert index.offsets(*weight.stride()) is off  # cached: switching reuses them
+    assert index.nbytes == 4 * 4 + 4 * 4 + 2 * 4 * 8  # int32 row and col, two cached int64 offset arrays
 
 
 def test_index_empty_and_errors() -> None:
