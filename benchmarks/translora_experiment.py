@@ -8,6 +8,9 @@ Rows per (pair, task, seed), as in Wang et al. 2024 (Table 1 and the ablations):
 * ``trans_lora``: target + adapter trained on discriminator-filtered synthetic data;
 * ``trans_lora_kl``: the same data plus the teacher's token-level KL (shared vocabulary only);
 * ``unfiltered``: the same without the filter (as many examples as the filter kept);
+* ``trans_lora_warm`` / ``unfiltered_warm`` / ``trans_lora_kl_warm`` (``--only warm``): those rows, the
+  student starting from the source adapter instead of a fresh LoRA (same family only:
+  ``TransferConfig.warm_start``);
 * ``seeds_only``: target + adapter trained on the seed examples alone (real labels);
 * ``no_transfer``: the source adapter loaded directly onto the target (same family only).
 
@@ -18,6 +21,10 @@ under teacher forcing (``{row}/token_acc``); the zoo's tiny models rarely get a 
 right, so token accuracy is the finer measure there. Also recorded: the filter's acceptance
 rate of synthetic inputs and of real test inputs
 (``disc_real_acceptance``) and the MMD of kept / rejected inputs to the seeds.
+
+Ablations of the synthesis (``--no-anchor``: the paper's free continuation instead of
+:class:`~lightning_peft.transfer.synthesis.SeedFormat`; ``--generator``; ``--synthetic``;
+``--student-steps``) each write their own ``--out`` folder; ``--only`` skips the slower rows.
 
 Run: python benchmarks/translora_experiment.py [--seeds 0 1 2] [--steps 300] [--synthetic 64] [--resume]
 (about 50 minutes on 2 CPU cores). Writes benchmarks/results/translora.{json,md,png}.
@@ -49,7 +56,9 @@ TASKS = ("data2text", "sql")
 NUM_SEEDS = {"data2text": 5, "sql": 3}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
          "accelerator": "cpu", "devices": 1}
-COLS = ["source", "target_base", "trans_lora", "trans_lora_kl", "unfiltered", "seeds_only", "no_transfer"]
+COLS = ["source", "target_base", "trans_lora", "trans_lora_kl", "unfiltered", "trans_lora_warm", "unfiltered_warm",
+        "trans_lora_kl_warm",
+        "seeds_only", "no_transfer"]
 
 
 def _test(module: CausalLMModule, task: str, model: str, n_test: int) -> dict[str, float]:
@@ -65,20 +74,25 @@ def _scores(name: str, metrics: dict[str, float]) -> dict[str, float]:
 MODULE_KW = {"lr": 5e-3, "warmup_steps": 20, "max_new_tokens": 64, "generate_on_val": False}
 
 
-def _module(model: str) -> CausalLMModule:
-    return CausalLMModule(model=model, **MODULE_KW)
+def _module(model: str, lr: float | None = None) -> CausalLMModule:
+    return CausalLMModule(model=model, **{**MODULE_KW, "lr": lr or MODULE_KW["lr"]})
 
 
 def _train(model: str, task: str, args, seed: int, examples: list[Example] | None = None,
-           callbacks: tuple = ()) -> tuple[CausalLMModule, dict[str, float]]:
-    """A LoRA (r=8) on ``model``: on the task's real training split, or on ``examples``."""
+           callbacks: tuple = (), init: Path | None = None) -> tuple[CausalLMModule, dict[str, float]]:
+    """A LoRA (r=8) on ``model``: on the task's real training split, or on ``examples`` (``--student-steps``).
+
+    ``init``: start from that adapter when it fits ``model`` (``--warm-start``), else from a fresh LoRA.
+    """
     L.seed_everything(seed, verbose=False)
-    module = _module(model)
+    module = _module(model, None if examples is None else args.student_lr)
+    warm = init is not None and transfer.pipeline.warm_start_from(module, str(init))
     if examples is None:
         dm = get_task(task, tokenizer=model, num_train=args.train, num_val=0, num_test=args.test, shuffle_seed=seed)
     else:
         dm = transfer.ExamplesDataModule(model, examples, shuffle_seed=seed)
-    L.Trainer(max_steps=args.steps, callbacks=[lp.LoRA(r=8), *callbacks], **QUIET).fit(module, dm)
+    steps = args.steps if examples is None else args.student_steps or args.steps
+    L.Trainer(max_steps=steps, callbacks=[*([] if warm else [lp.LoRA(r=8)]), *callbacks], **QUIET).fit(module, dm)
     return module, _test(module, task, model, args.test)
 
 
@@ -87,7 +101,7 @@ def _source(src: str, task: str, seed: int, args, work: Path) -> tuple[Path, dic
     folder = work / f"{src}-{task}-{seed}"
     disc = transfer.TransLoRADiscriminator(folder / "adapter-discriminator", num_real=min(128, args.train),
                                            num_seeds=NUM_SEEDS.get(task, 5),
-                                           max_steps=args.disc_steps, seed=seed,
+                                           max_steps=args.disc_steps, seed=seed, anchor_format=args.anchor,
                                            trainer_kwargs={"enable_progress_bar": False})
     module, metrics = _train(src, task, args, seed, callbacks=(disc,))
     # how much of the real test inputs the discriminator lets through (its synthetic acceptance
@@ -110,11 +124,12 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
                  "disc_real_acceptance": source_metrics["disc_real_acceptance"]}
     common = {"source_model": src, "source_adapter": str(adapter), "target_model": tgt, "task": task, "seed": seed,
               "num_synthetic": args.synthetic, "num_seeds": NUM_SEEDS.get(task, 5),
-              "max_proposed": args.max_proposed_factor * args.synthetic,
+              "max_proposed": args.max_proposed_factor * args.synthetic, "anchor_format": args.anchor,
+              "generator": args.generator,
               "task_kwargs": {"num_train": 8, "num_val": 0, "num_test": args.test}}  # the test split of _test
     same_vocab = src.split("-")[0] == tgt.split("-")[0]  # zoo: one tokenizer per family (v1 and v2)
     kept = args.synthetic
-    for name, filt in (("trans_lora", True), ("unfiltered", False)):
+    for name, filt in (("trans_lora", True), ("unfiltered", False))[: 2 if "unfiltered" in args.only else 1]:
         cfg = transfer.TransferConfig(**common, filter=filt, cache=str(work / f"{src}-{tgt}-{task}-{seed}-{name}.jsonl"))
         try:
             syn = transfer.synthesize(cfg)
@@ -128,19 +143,24 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
         if len(records) < 8:  # too few to train on: record it, do not invent a number
             row[name] = float("nan")
             continue
-        row.update(_scores(name, _train(tgt, task, args, seed, transfer.pipeline.synthetic_examples(records))[1]))
+        examples = transfer.pipeline.synthetic_examples(records)
+        row.update(_scores(name, _train(tgt, task, args, seed, examples)[1]))
+        if "warm" in args.only and same_vocab:  # the same data, the student starting from the source adapter
+            row.update(_scores(f"{name}_warm", _train(tgt, task, args, seed, examples, init=adapter)[1]))
         if filt:
             stats = syn.header["stats"]
             row.update(acceptance=stats["acceptance_rate"], mmd_kept=stats["mmd_kept_vs_seeds"],
                        mmd_rejected=stats["mmd_rejected_vs_seeds"])
-            if same_vocab:  # the same filtered set, plus the teacher's token-level KL
-                kl_cfg = transfer.TransferConfig(**{**cfg.__dict__, "kl_weight": 1.0})
-                L.seed_everything(seed, verbose=False)
-                row.update(_scores("trans_lora_kl", transfer.train_student(
-                    kl_cfg, syn, "lora", {"r": 8}, MODULE_KW, {"max_steps": args.steps, **QUIET},
-                    {"shuffle_seed": seed})[1]))
-    seeds = get_task(task, tokenizer=tgt, num_train=8).get_examples()["train"][: NUM_SEEDS.get(task, 5)]
-    row.update(_scores("seeds_only", _train(tgt, task, args, seed, seeds)[1]))
+            if same_vocab and "trans_lora_kl" in args.only:  # the same filtered set, plus the teacher's token-level KL
+                for kl_name, warm in (("trans_lora_kl", False), ("trans_lora_kl_warm", True))[: 2 if "warm" in args.only else 1]:
+                    kl_cfg = transfer.TransferConfig(**{**cfg.__dict__, "kl_weight": 1.0, "warm_start": warm})
+                    L.seed_everything(seed, verbose=False)
+                    row.update(_scores(kl_name, transfer.train_student(
+                        kl_cfg, syn, "lora", {"r": 8}, {**MODULE_KW, "lr": args.student_lr or MODULE_KW["lr"]},
+                        {"max_steps": args.student_steps or args.steps, **QUIET}, {"shuffle_seed": seed})[1]))
+    if "seeds_only" in args.only:
+        seeds = get_task(task, tokenizer=tgt, num_train=8).get_examples()["train"][: NUM_SEEDS.get(task, 5)]
+        row.update(_scores("seeds_only", _train(tgt, task, args, seed, seeds)[1]))
     if same_vocab:  # same family: shapes fit, the old adapter loads directly
         direct = _module(tgt)
         direct.configure_model()
@@ -159,6 +179,14 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=64)
     p.add_argument("--max-proposed-factor", type=int, default=24,
                    help="give up a filtered synthesis after this many proposals per requested example")
+    p.add_argument("--student-steps", type=int, default=None, help="steps of the students (default: --steps)")
+    p.add_argument("--no-anchor", dest="anchor", action="store_false",
+                   help="synthesise as the paper does (free continuation), not anchored to the seeds' format")
+    p.add_argument("--student-lr", type=float, default=None, help="learning rate of the students (default: 5e-3)")
+    p.add_argument("--generator", default=None, help="zoo model that writes the inputs (default: the target)")
+    p.add_argument("--only", nargs="+", default=["unfiltered", "trans_lora_kl", "seeds_only"],
+                   choices=["unfiltered", "trans_lora_kl", "seeds_only", "warm", "none"],
+                   help="optional rows to run (warm: also students that start from the source adapter; none: none)")
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target zoo names")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--out", type=Path, default=OUT, help="folder for translora.{json,md,png}")

@@ -13,6 +13,7 @@ import torch
 from lightning_peft.transfer import (
     Deduplicator,
     ProvenanceMismatchError,
+    SeedFormat,
     SyntheticSet,
     mmd_rbf,
     parse_generation,
@@ -55,6 +56,42 @@ def test_seed_list_prompt_is_the_papers_numbered_list() -> None:
 )
 def test_parse_generation_on_awkward_generations(completion: str, expected: str | None) -> None:
     assert parse_generation(completion) == expected
+
+
+@pytest.mark.parametrize(
+    ("task", "prefix", "suffix"),
+    [
+        ("arithmetic", "Question:", "\nAnswer:"),
+        ("sql", "Tables: games(name, genre, developer, year, rating, platform); employees(name, department, salary, "
+                "city)\nQuestion:", "\nSQL:"),
+        ("data2text", "", " ->"),
+    ],
+)
+def test_seed_format_of_the_zoo_tasks(task: str, prefix: str, suffix: str) -> None:
+    from lightning_peft.tasks import get_task
+
+    seeds = [e.prompt for e in get_task(task, tokenizer="llama-v1", num_train=8).get_examples()["train"][:5]]
+    fmt = SeedFormat(seeds)
+    assert (fmt.prefix, fmt.suffix) == (prefix, suffix)
+    assert all(fmt.parse(s[len(prefix):]) == s for s in seeds)  # a seed written after the opening parses back whole
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        (" Cy has 5 hats.\nAnswer: 5 hats\n4. Question: x", "Question: Cy has 5 hats.\nAnswer:"),  # its own answer cut
+        (" Cy has 5 hats.\n4. Question: Dan has 2.\nAnswer:", None),  # the item ended without the ending
+        (" Cy has 5 hats.", None),  # no ending at all
+        ("", None),
+    ],
+)
+def test_seed_format_cuts_after_the_ending_and_rejects_items_without_it(completion: str, expected: str | None) -> None:
+    fmt = SeedFormat(SEEDS)
+    assert seed_list_prompt(SEEDS, "arithmetic", opening=fmt.prefix).endswith("\n3. Question:")
+    assert fmt.parse(completion) == expected
+    single = SeedFormat(SEEDS[:1])  # one seed: nothing shared to compare, the paper's free parse
+    assert (single.prefix, single.suffix) == ("", "") and single.parse(" Cy has 5 hats.") == "Cy has 5 hats."
+    assert SeedFormat(["abc def ->", "xyz ->"]).suffix == " ->" and SeedFormat(["What is c", "What is d"]).prefix == ""
 
 
 def test_deduplicator_rejects_seeds_and_near_copies() -> None:
@@ -219,7 +256,7 @@ def test_generator_stream_is_seeded_parsed_and_deduplicated(micro_model_dir: str
     tok = AutoTokenizer.from_pretrained(micro_model_dir)
     seeds = ["Question: Ana has 3 pens.\nAnswer:", "Question: Bo has 4 cups.\nAnswer:", "Question: Cy has 2 hats.\nAnswer:"]
     run = lambda: list(sample_candidates(model, tok, seeds, "arithmetic", batch_size=6, max_new_tokens=24,  # noqa: E731
-                                         seed=3, max_batches=3))
+                                         seed=3, max_batches=3, anchor_format=False))
     first = run()
     assert first == run() and len(first) == 3  # same seed, same stream; one list per batch
     items = [x for batch in first for x in batch]
@@ -229,6 +266,9 @@ def test_generator_stream_is_seeded_parsed_and_deduplicated(micro_model_dir: str
     labels = greedy_completions(model, tok, seeds[:2], max_new_tokens=8, progress=False)
     assert model.training and len(labels) == 2 and labels == greedy_completions(model, tok, seeds[:2], max_new_tokens=8,
                                                                                progress=False)
+    anchored = [x for b in sample_candidates(model, tok, seeds, "arithmetic", batch_size=6, max_new_tokens=24, seed=3,
+                                             max_batches=3) for x in b]
+    assert all(x.startswith("Question: ") and x.endswith("\nAnswer:") for x in anchored)
     with pytest.raises(ValueError, match="temperature > 0"):
         next(sample_candidates(model, tok, seeds, "arithmetic", temperature=0.0))
 
@@ -296,6 +336,28 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
                                               data_kwargs={"batch_size": 2})
     assert {"test/loss", "test/exact_match"} <= metrics.keys()
     assert any(".lora_A." in n for n, p in student.named_parameters() if p.requires_grad)
+
+    # warm start: the student starts from the source adapter where its shapes fit (same family) ...
+    from lightning_peft.adapter_io import read_adapter
+
+    saved = {k.removeprefix("base_model.model."): v for k, v in read_adapter(adapter)[1].items()}
+    adapter_params = lambda m: {n.removeprefix("model.").replace(".default.", "."): p  # noqa: E731
+                                for n, p in m.named_parameters() if p.requires_grad}
+    warm = CausalLMModule(model="llama-micro-v2")
+    assert transfer.pipeline.warm_start_from(warm, str(adapter))
+    loaded = adapter_params(warm)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
+    warm_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_start": True})
+    student, _ = transfer.train_student(warm_cfg, syn, method="lora", method_kwargs={"r": 4},  # r=4 unused: warm
+                                        trainer_kwargs={"max_steps": 2, **quiet}, data_kwargs={"batch_size": 2},
+                                        test=False)
+    trained = adapter_params(student)
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in saved.items()}  # the source's r=2
+    assert any(not torch.equal(trained[k], v) for k, v in saved.items())  # and it trained from there
+    # ... and a fresh adapter where they do not (another family): the model is left as it was
+    other = CausalLMModule(model="qwen2-micro-v1")
+    assert not transfer.pipeline.warm_start_from(other, str(adapter))
+    assert not getattr(other.model, "peft_config", None) and all(p.requires_grad for p in other.parameters())
 
 
 def test_transfer_cli_multirun_composes_and_runs(micro_model_dir: str, tmp_path) -> None:

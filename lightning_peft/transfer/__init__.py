@@ -36,6 +36,7 @@ from lightning_peft.transfer.pipeline import (
 from lightning_peft.transfer.provenance import FORMAT_VERSION, ProvenanceMismatchError, SyntheticSet
 from lightning_peft.transfer.synthesis import (
     Deduplicator,
+    SeedFormat,
     normalize_for_dedup,
     parse_generation,
     seed_list_prompt,
@@ -49,6 +50,7 @@ __all__ = [
     "ExamplesDataModule",
     "FilterResult",
     "ProvenanceMismatchError",
+    "SeedFormat",
     "SyntheticSet",
     "TransLoRADiscriminator",
     "TransferConfig",

@@ -118,12 +118,15 @@ class TransLoRADiscriminator(L.Callback):
         num_real: Real inputs used (and synthetic inputs made).
         num_seeds: Seeds shown to the source model when synthesising.
         max_new_tokens: Most tokens per synthesised input.
+        anchor_format: Synthesise as the transfer does by default (the seeds' common opening
+            and ending, :class:`~lightning_peft.transfer.synthesis.SeedFormat`), so the
+            discriminator learns to tell real inputs from well-formed synthetic ones.
         **train_kwargs: Passed to :func:`train_discriminator` (``r``, ``lr``, ``max_steps``, ...).
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], task_name: str | None = None, num_real: int = 64,
-                 num_seeds: int = 5, max_new_tokens: int = 64, **train_kwargs: Any) -> None:
-        self.out_dir, self.task_name = Path(out_dir), task_name
+                 num_seeds: int = 5, max_new_tokens: int = 64, anchor_format: bool = True, **train_kwargs: Any) -> None:
+        self.out_dir, self.task_name, self.anchor_format = Path(out_dir), task_name, anchor_format
         self.num_real, self.num_seeds, self.max_new_tokens = num_real, num_seeds, max_new_tokens
         self.train_kwargs = train_kwargs
         self.path: Path | None = None
@@ -146,7 +149,8 @@ class TransLoRADiscriminator(L.Callback):
         model, tok = pl_module.model, dm.tokenizer
         batch = min(16, len(real))
         stream = sample_candidates(model, tok, real[: self.num_seeds], task, max_new_tokens=self.max_new_tokens,
-                                   batch_size=batch, max_batches=max(4, 8 * len(real) // batch))
+                                   batch_size=batch, max_batches=max(4, 8 * len(real) // batch),
+                                   anchor_format=self.anchor_format)
         with adapters_disabled(model):  # the source base synthesises (the stream is lazy: consume it here)
             fake = rejection_sample(stream, lambda b: torch.ones(len(b)), len(real), max_proposed=20 * len(real)).kept
         source = getattr(model, "name_or_path", None) or model.config._name_or_path

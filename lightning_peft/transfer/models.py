@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_peft.tasks.data import Example
-from lightning_peft.transfer.synthesis import Deduplicator, parse_generation, seed_list_prompt
+from lightning_peft.transfer.synthesis import Deduplicator, SeedFormat, seed_list_prompt
 
 __all__ = [
     "DISCRIMINATOR_TEMPLATE",
@@ -145,12 +145,15 @@ def sample_candidates(
     seed: int = 0,
     max_batches: int = 1000,
     dedup: Deduplicator | None = None,
+    anchor_format: bool = True,
 ) -> Iterator[list[str]]:
     """Yield batches of new, parsed, de-duplicated inputs sampled from the seed-list prompt.
 
     Each batch samples ``batch_size`` completions of :func:`seed_list_prompt` with the seeds in
     a fresh random order (more diverse continuations), parses one item per completion with
-    :func:`parse_generation` and drops duplicates of the seeds and of earlier items.
+    :func:`parse_generation` and drops duplicates of the seeds and of earlier items. With
+    ``anchor_format`` the open item starts with the seeds' common opening and must end with
+    their common ending (:class:`~lightning_peft.transfer.synthesis.SeedFormat`).
 
     Args:
         model, tokenizer: The generator (the paper uses the target model).
@@ -162,6 +165,8 @@ def sample_candidates(
         seed: Seeds torch's RNG for sampling and the seed order (same seed, same stream).
         max_batches: Stop after this many batches.
         dedup: Shared de-duplicator (default: a new one holding the seeds).
+        anchor_format: Anchor items to the seeds' shared opening and ending (``False``: the
+            paper's free continuation, parsed up to the next list number).
 
     Raises:
         ValueError: ``temperature <= 0`` or ``top_p`` outside ``(0, 1]``.
@@ -179,18 +184,26 @@ def sample_candidates(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
     )
+    fmt = SeedFormat(seeds if anchor_format else [])
     for b in range(max_batches):
         prompts = []
         for _ in range(batch_size):
             perm = torch.randperm(len(seeds), generator=order_rng).tolist()
-            prompts.append(seed_list_prompt([seeds[i] for i in perm], task_name))
+            prompts.append(seed_list_prompt([seeds[i] for i in perm], task_name, opening=fmt.prefix))
         ids, mask = _left_padded(tokenizer, prompts, dev)
         with _eval_mode(model):
             torch.manual_seed(seed * 100_003 + b)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        parsed = [p for p in (parse_generation(t) for t in texts) if p is not None]
+        parsed = [p for p in map(fmt.parse, _completions(tokenizer, ids, out)) if p is not None]
         yield [p for p in parsed if dedup.add(p)]
+
+
+def _completions(tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, out: torch.Tensor) -> list[str]:
+    """The generated text after each prompt, with its leading space (the completion decoded alone loses it)."""
+    prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.batch_decode(out, skip_special_tokens=True)
+    alone = tokenizer.batch_decode(out[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+    return [f[len(p) :] if f.startswith(p) else a for f, p, a in zip(full, prompts, alone)]
 
 
 def greedy_completions(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.transfer.filtering import FilterResult, mmd_rbf, rejection_sample
 from lightning_peft.transfer.models import completion_margins, embed, greedy_completions, sample_candidates
 from lightning_peft.transfer.provenance import SyntheticSet
-from lightning_peft.transfer.synthesis import Deduplicator, seed_list_prompt
+from lightning_peft.transfer.synthesis import Deduplicator, SeedFormat, seed_list_prompt
 
 __all__ = ["TransferConfig", "adapter_fingerprint", "fitting_seeds", "synthesize", "train_student"]
 
@@ -61,6 +62,9 @@ class TransferConfig:
         num_synthetic: Synthetic examples to keep; default: the size of the original training set,
             as recorded in the discriminator folder by ``TransLoRADiscriminator`` (as in the paper).
         filter: Keep only what the discriminator accepts.
+        anchor_format: Start every synthesised input with the seeds' common opening and end it
+            with their common ending (:class:`~lightning_peft.transfer.synthesis.SeedFormat`;
+            ours, not in the paper: see ``benchmarks/README.md`` for what it changes).
         max_proposed: Give up after scoring this many proposals (default ``50 * num_synthetic``);
             sampling stops after ``4 * max_proposed / generate_batch_size`` generate calls too.
         temperature, top_p, generate_batch_size, max_new_tokens: Generator sampling.
@@ -72,6 +76,10 @@ class TransferConfig:
         kl_weight: Weight of the token-level KL to the teacher in the student's loss (0: off,
             sequence-level distillation only). Needs source and target to share a vocabulary.
         kl_temperature: Softening of that KL.
+        warm_start: Start the student from the source adapter itself when it fits the target's
+            shapes (a same-family update), instead of a fresh adapter; a target it does not fit
+            gets a fresh one. Ours, not in the paper (which transfers across families): the
+            synthetic data then only has to correct the drift, not teach the task from scratch.
     """
 
     source_model: str
@@ -84,6 +92,7 @@ class TransferConfig:
     num_seeds: int = 5
     num_synthetic: int | None = None
     filter: bool = True
+    anchor_format: bool = True
     max_proposed: int | None = None
     temperature: float = 1.0
     top_p: float = 0.95
@@ -95,6 +104,7 @@ class TransferConfig:
     cache: str | None = None
     kl_weight: float = 0.0
     kl_temperature: float = 1.0
+    warm_start: bool = True
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,10 +116,12 @@ def adapter_fingerprint(folder: str | os.PathLike[str]) -> str:
     return hashlib.sha256(files[0].read_bytes()).hexdigest()[:16]
 
 
-def fitting_seeds(tokenizer: Any, seeds: list[str], task_name: str, max_new_tokens: int, context: int) -> list[str]:
+def fitting_seeds(tokenizer: Any, seeds: list[str], task_name: str, max_new_tokens: int, context: int,
+                  anchor_format: bool = False) -> list[str]:
     """The longest prefix of ``seeds`` whose seed-list prompt leaves ``max_new_tokens`` in ``context``."""
     for k in range(len(seeds), 0, -1):
-        n = len(tokenizer(seed_list_prompt(seeds[:k], task_name))["input_ids"])
+        opening = SeedFormat(seeds[:k]).prefix if anchor_format else ""
+        n = len(tokenizer(seed_list_prompt(seeds[:k], task_name, opening=opening))["input_ids"])
         if n + max_new_tokens <= context:
             return seeds[:k]
     raise ValueError(
@@ -134,7 +146,7 @@ def _header(cfg: TransferConfig, seeds: list[str]) -> dict[str, Any]:
         "generator": cfg.generator or cfg.target_model, "teacher": cfg.source_model,
         "source_adapter_fingerprint": adapter_fingerprint(cfg.source_adapter),
         "discriminator_fingerprint": adapter_fingerprint(disc) if cfg.filter else None,
-        "seeds": seeds, "filter": cfg.filter,
+        "seeds": seeds, "filter": cfg.filter, "anchor_format": cfg.anchor_format,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "batch_size": cfg.generate_batch_size, "seed": cfg.seed},
         "label_max_new_tokens": cfg.label_max_new_tokens,
@@ -187,7 +199,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         raise ValueError("Trans-LoRA needs at least one real seed input; pass seeds=[...] or num_seeds >= 1")
     generator, gen_tok = _load(cfg.generator or cfg.target_model)
     context = cfg.generator_context or getattr(generator.config, "max_position_embeddings", 2048)
-    seeds = fitting_seeds(gen_tok, seeds_all, cfg.task, cfg.max_new_tokens, context)
+    seeds = fitting_seeds(gen_tok, seeds_all, cfg.task, cfg.max_new_tokens, context, cfg.anchor_format)
     if len(seeds) < len(seeds_all):
         log.warning("Trans-LoRA: only %d of %d seeds fit the generator's %d-token context", len(seeds), len(seeds_all),
                     context)
@@ -204,7 +216,8 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         max_batches = max(4, 4 * max_proposed // cfg.generate_batch_size)
         stream = sample_candidates(generator, gen_tok, seeds, cfg.task, batch_size=cfg.generate_batch_size,
                                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                   seed=cfg.seed + len(syn.records), dedup=dedup, max_batches=max_batches)
+                                   seed=cfg.seed + len(syn.records), dedup=dedup, max_batches=max_batches,
+                                   anchor_format=cfg.anchor_format)
         if cfg.filter:
             disc, disc_tok = _load(cfg.source_model, discriminator_folder(cfg))
             score = lambda batch: completion_margins(disc, disc_tok, batch, cfg.task)  # noqa: E731
@@ -246,6 +259,25 @@ def _stats(result: FilterResult, seeds: list[str], model: torch.nn.Module, tok: 
 def synthetic_examples(records: list[dict[str, Any]]) -> list[Example]:
     """Training examples of accepted synthetic records: the input, then the teacher's completion."""
     return [Example(r["input"], " " + (r["output"] or "").strip(), (r["output"] or "").strip()) for r in records]
+
+
+def warm_start_from(module: L.LightningModule, adapter: str) -> bool:
+    """Load ``adapter`` trainable into ``module`` (built first) when it fits its shapes; ``False`` if not.
+
+    The base mismatch warning is expected here (the adapter comes from the old base) and is
+    not shown; the model is left unchanged when the shapes differ.
+    """
+    from lightning_peft.adapter_io import AdapterFormatError, BaseModelMismatchWarning
+
+    module.configure_model()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BaseModelMismatchWarning)
+            load_adapter(module, adapter, is_trainable=True)
+    except AdapterFormatError as exc:
+        log.info("Trans-LoRA: the source adapter does not fit the target (%s); the student starts fresh", exc)
+        return False
+    return True
 
 
 def train_student(
@@ -295,7 +327,8 @@ def train_student(
         module = CausalLMModule(model=cfg.target_model, **(module_kwargs or {}))
     kw: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False}
     kw.update(trainer_kwargs or {})
-    trainer = L.Trainer(callbacks=[create_method(method, **(method_kwargs or {}))], **kw)
+    warm = cfg.warm_start and warm_start_from(module, cfg.source_adapter)
+    trainer = L.Trainer(callbacks=[] if warm else [create_method(method, **(method_kwargs or {}))], **kw)
     trainer.fit(module, data)
     if not test:
         return module, {}

@@ -12,6 +12,14 @@ prompted with the ``k = 5`` seed inputs as a numbered list and continues it::
 and one new input is parsed per completion: the text up to the next list number. Seeds may
 span several lines (``"Question: ...\\nAnswer:"``); only a line that *starts* with a number and a
 dot or parenthesis ends an item, so a prompt's own lines survive.
+
+:class:`SeedFormat` (ours, not in the paper) anchors the open item to what every seed shares:
+the common opening (``"Tables: ...\\nQuestion: "``) is written into the prompt after ``k+1.``,
+so the generator only writes the variable part, and an item is cut right after the common
+ending (``"\\nSQL:"``, ``" ->"``) and rejected without it. Small generators otherwise drift
+into their pre-training formats (a record followed by its own answer, a list of the wrong
+kind); the anchor keeps every proposal a well-formed input without looking at any data but
+the seeds.
 """
 
 from __future__ import annotations
@@ -20,23 +28,25 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
-__all__ = ["Deduplicator", "normalize_for_dedup", "parse_generation", "seed_list_prompt"]
+__all__ = ["Deduplicator", "SeedFormat", "normalize_for_dedup", "parse_generation", "seed_list_prompt"]
 
 # a line that starts a new list item: "7." / "7)" / " 12 ." at the beginning of a line
 _ITEM_START = re.compile(r"(?:^|\n)[ \t]*\d{1,3}[ \t]*[.)](?=\s|$)")
 _TRAILING_JUNK = re.compile(r"(?:</s>|<\|endoftext\|>|<\|im_end\|>|<eos>|<pad>)+\s*$")
 
 
-def seed_list_prompt(seeds: Sequence[str], task_name: str = "task", total: int | None = None) -> str:
+def seed_list_prompt(seeds: Sequence[str], task_name: str = "task", total: int | None = None, opening: str = "") -> str:
     """The generator's prompt: a header, the seeds numbered ``1..k`` and the open item ``k+1.``.
 
     Args:
         seeds: ``k >= 1`` real task inputs (each may contain newlines; none may be empty).
         task_name: Named in the header ("Here are 10 examples of arithmetic inputs:").
         total: The count announced in the header (default ``2 * k``, the paper's 10 for 5 seeds).
+        opening: Text the open item starts with (:attr:`SeedFormat.prefix`); default none.
 
     Returns:
-        The prompt, ending with ``"{k+1}."`` (no trailing space: the model writes it).
+        The prompt, ending with ``"{k+1}."`` (no trailing space: the model writes it), or with
+        ``"{k+1}. {opening}"`` when an opening is given.
 
     Raises:
         ValueError: no seeds, an empty seed, or ``total < k + 1``.
@@ -51,7 +61,8 @@ def seed_list_prompt(seeds: Sequence[str], task_name: str = "task", total: int |
     if total < k + 1:
         raise ValueError(f"seed_list_prompt: total={total} must announce more than the {k} seeds; use total >= {k + 1}.")
     items = "\n".join(f"{i}. {s}" for i, s in enumerate(cleaned, start=1))
-    return f"Here are {total} examples of {task_name} inputs:\n{items}\n{k + 1}."
+    head = f"Here are {total} examples of {task_name} inputs:\n{items}\n{k + 1}."
+    return f"{head} {opening}" if opening else head
 
 
 def parse_generation(completion: str, *, min_chars: int = 8, max_chars: int = 1000) -> str | None:
@@ -102,3 +113,60 @@ class Deduplicator:
             return False
         self._seen.add(key)
         return True
+
+
+class SeedFormat:
+    """What all seeds share at their start and end, to anchor generated items to it.
+
+    ``prefix`` is the seeds' common opening cut back to a line start and extended by a
+    leading ``"Label:"`` of the next line, so ``"Tables: ...\\nQuestion: What is ..."`` and
+    ``"...\\nQuestion: How many ..."`` share ``"Tables: ...\\nQuestion:"`` (a shared first word
+    of the question is left to the generator; the space after the colon too, since a prompt
+    ending in a space splits the next word into unusual tokens). ``suffix`` is the common ending from its last
+    line break, or from its last space when it has none (``"...]) ->"`` gives ``" ->"``).
+    Either is ``""`` when the seeds share nothing at that end, and both are ``""`` for a
+    single seed (nothing to compare).
+
+    Example:
+        >>> f = SeedFormat(["Question: Ann has 3 pens.\\nAnswer:", "Question: Bo has 2 cats.\\nAnswer:"])
+        >>> f.prefix, f.suffix
+        ('Question:', '\\nAnswer:')
+        >>> f.parse(" Cy has 4 hats.\\nAnswer: 4 hats\\n7. Question:")
+        'Question: Cy has 4 hats.\\nAnswer:'
+    """
+
+    def __init__(self, seeds: Sequence[str]) -> None:
+        cleaned = [s.strip() for s in seeds]
+        if len(cleaned) < 2:
+            self.prefix = self.suffix = ""
+            return
+        head = _common_prefix(cleaned)
+        line_start = head.rfind("\n") + 1
+        label = re.match(r"[A-Za-z][\w ]{0,30}:(?= )", head[line_start:])  # no trailing space: the model writes it
+        self.prefix = head[:line_start] + (label.group(0) if label else "")
+        tail = _common_prefix([s[::-1] for s in cleaned])[::-1]
+        cut = tail.find("\n")
+        self.suffix = tail[cut:] if cut >= 0 else tail[tail.rfind(" "):] if " " in tail else ""
+        if self.prefix and self.suffix and len(self.prefix) + len(self.suffix) > min(map(len, cleaned)):
+            self.suffix = ""  # they overlap in the shortest seed: keep the opening only
+
+    def parse(self, completion: str, **limits: int) -> str | None:
+        """The anchored item of a completion of ``seed_list_prompt(..., opening=self.prefix)``.
+
+        The prefix is put back in front, :func:`parse_generation` takes the item, and it is cut
+        right after its first ``suffix`` (an item without the suffix is ``None``).
+        """
+        item = parse_generation(self.prefix + completion, **limits)
+        if item is None or not self.suffix:
+            return item
+        end = item.find(self.suffix, len(self.prefix.rstrip()))
+        return item[: end + len(self.suffix)] if end >= 0 else None
+
+    def __repr__(self) -> str:
+        return f"SeedFormat(prefix={self.prefix!r}, suffix={self.suffix!r})"
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+    first, last = min(texts), max(texts)
+    n = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+    return first[:n]
