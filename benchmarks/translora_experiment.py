@@ -10,7 +10,7 @@ Rows per (pair, task, seed), as in Wang et al. 2024 (Table 1 and the ablations):
 * ``unfiltered``: the same without the filter (as many examples as the filter kept);
 * ``trans_lora_warm`` / ``unfiltered_warm`` / ``trans_lora_kl_warm`` (``--only warm``): those rows, the
   student starting from the source adapter instead of a fresh LoRA (same family only:
-  ``TransferConfig.warm_start``);
+  ``TransferConfig.warm_start``, with its ``warm_lr`` / ``warm_steps`` unless ``--warm-lr`` / ``--warm-steps``);
 * ``seeds_only``: target + adapter trained on the seed examples alone (real labels);
 * ``no_transfer``: the source adapter loaded directly onto the target (same family only).
 
@@ -92,6 +92,8 @@ def _train(model: str, task: str, args, seed: int, examples: list[Example] | Non
     else:
         dm = transfer.ExamplesDataModule(model, examples, shuffle_seed=seed)
     steps = args.steps if examples is None else args.student_steps or args.steps
+    if warm:  # the schedule TransferConfig gives a warm-started student
+        module.hparams.lr, steps = args.warm_lr, args.warm_steps
     L.Trainer(max_steps=steps, callbacks=[*([] if warm else [lp.LoRA(r=8)]), *callbacks], **QUIET).fit(module, dm)
     return module, _test(module, task, model, args.test)
 
@@ -153,7 +155,8 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
                        mmd_rejected=stats["mmd_rejected_vs_seeds"])
             if same_vocab and "trans_lora_kl" in args.only:  # the same filtered set, plus the teacher's token-level KL
                 for kl_name, warm in (("trans_lora_kl", False), ("trans_lora_kl_warm", True))[: 2 if "warm" in args.only else 1]:
-                    kl_cfg = transfer.TransferConfig(**{**cfg.__dict__, "kl_weight": 1.0, "warm_start": warm})
+                    kl_cfg = transfer.TransferConfig(**{**cfg.__dict__, "kl_weight": 1.0, "warm_start": warm,
+                                                        "warm_lr": args.warm_lr, "warm_steps": args.warm_steps})
                     L.seed_everything(seed, verbose=False)
                     row.update(_scores(kl_name, transfer.train_student(
                         kl_cfg, syn, "lora", {"r": 8}, {**MODULE_KW, "lr": args.student_lr or MODULE_KW["lr"]},
@@ -183,6 +186,9 @@ def main() -> None:
     p.add_argument("--no-anchor", dest="anchor", action="store_false",
                    help="synthesise as the paper does (free continuation), not anchored to the seeds' format")
     p.add_argument("--student-lr", type=float, default=None, help="learning rate of the students (default: 5e-3)")
+    defaults = transfer.TransferConfig("", "", "", "")
+    p.add_argument("--warm-lr", type=float, default=defaults.warm_lr, help="lr of the warm-started students")
+    p.add_argument("--warm-steps", type=int, default=defaults.warm_steps, help="steps of the warm-started students")
     p.add_argument("--generator", default=None, help="zoo model that writes the inputs (default: the target)")
     p.add_argument("--only", nargs="+", default=["unfiltered", "trans_lora_kl", "seeds_only"],
                    choices=["unfiltered", "trans_lora_kl", "seeds_only", "warm", "none"],

@@ -331,7 +331,8 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
         transfer.synthesize(transfer.TransferConfig(**{**cfg.__dict__, "temperature": 0.5}))
     monkeypatch.undo()
 
-    student, metrics = transfer.train_student(cfg, syn, method="lora", method_kwargs={"r": 2},
+    fresh_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_start": False})
+    student, metrics = transfer.train_student(fresh_cfg, syn, method="lora", method_kwargs={"r": 2},
                                               trainer_kwargs={"max_steps": 2, **quiet},
                                               data_kwargs={"batch_size": 2})
     assert {"test/loss", "test/exact_match"} <= metrics.keys()
@@ -347,10 +348,12 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
     assert transfer.pipeline.warm_start_from(warm, str(adapter))
     loaded = adapter_params(warm)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
-    warm_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_start": True})
+    assert cfg.warm_start  # the default; a warm student runs its own, gentler schedule
+    warm_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_lr": 1e-4, "warm_steps": 3})
     student, _ = transfer.train_student(warm_cfg, syn, method="lora", method_kwargs={"r": 4},  # r=4 unused: warm
-                                        trainer_kwargs={"max_steps": 2, **quiet}, data_kwargs={"batch_size": 2},
-                                        test=False)
+                                        module_kwargs={"lr": 3e-3}, trainer_kwargs={"max_steps": 2, **quiet},
+                                        data_kwargs={"batch_size": 2}, test=False)
+    assert student.trainer.global_step == 3 and student.trainer.optimizers[0].defaults["lr"] == 1e-4
     trained = adapter_params(student)
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in saved.items()}  # the source's r=2
     assert any(not torch.equal(trained[k], v) for k, v in saved.items())  # and it trained from there
@@ -521,3 +524,25 @@ def test_readme_translora_steps_as_typed_with_progress_bars(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "transfer" / "synthetic.jsonl").exists()
 
+
+
+def test_transfer_and_upgrade_configs_mirror_transfer_config() -> None:
+    """conf/transfer.yaml names every TransferConfig field with its default; upgrade's synthesis block names only fields."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from lightning_peft import transfer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    fields = {f.name: f for f in dataclasses.fields(transfer.TransferConfig)}
+    top = OmegaConf.to_container(OmegaConf.load(conf / "transfer.yaml"))
+    assert set(fields) - set(top) == {"task", "task_kwargs"}  # both come from the `task` config group
+    set_here = {"cache"}  # the CLI writes the synthetic set into its run folder
+    for name, value in top.items():
+        if name in fields and name not in set_here and fields[name].default is not dataclasses.MISSING:
+            assert value == fields[name].default, f"conf/transfer.yaml {name}: {value!r} vs {fields[name].default!r}"
+    synthesis = OmegaConf.to_container(OmegaConf.load(conf / "upgrade.yaml"))["synthesis"]
+    for name, value in synthesis.items():
+        assert name in fields, f"conf/upgrade.yaml synthesis.{name} is no TransferConfig field"
+        assert value == fields[name].default, f"conf/upgrade.yaml synthesis.{name}: {value!r} vs {fields[name].default!r}"

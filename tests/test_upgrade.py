@@ -206,6 +206,17 @@ def test_translora_route_trains_a_student_on_the_new_base(fleet: Path, tmp_path:
     assert tensors.keys() == old.keys() and any(not torch.equal(tensors[k], old[k]) for k in old)  # a new adapter
 
 
+def test_a_generator_out_of_budget_leaves_the_check_on_the_seeds_and_no_student(fleet: Path, tmp_path: Path) -> None:
+    quick = {**QUICK, "synthesis": {**QUICK["synthesis"], "max_proposed": 1}}  # gives up after one proposal
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", threshold=0.0, out=str(tmp_path / "out"),
+                        **quick)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == "direct" and 0.0 <= row["agreement"] <= 1.0  # scored on the seeds (+ at most one input)
+    only = UpgradeConfig(**{**cfg.__dict__, "routes": ["translora"], "out": str(tmp_path / "out2")})
+    (row,) = upgrade_fleet(only, progress=False)
+    assert row["route"] == "needs_data" and "too few to train a student on; raise synthesis.max_proposed" in row["reason"]
+
+
 def test_shards_split_the_fleet(fleet: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fleet_mod, "upgrade_adapter", lambda folder, cfg, target, bases: {"route": "direct"})
     shards = [[r["adapter"] for r in upgrade_fleet(UpgradeConfig(adapters=str(fleet), new="llama-micro-v2", shard=i,
@@ -214,6 +225,14 @@ def test_shards_split_the_fleet(fleet: Path, tmp_path: Path, monkeypatch) -> Non
     assert shards == [["team-a__lora"], ["team-b__shira"]]
     with pytest.raises(ValueError, match=r"shard must be in \[0, num_shards\)"):
         UpgradeConfig(adapters=".", new="x", shard=2, num_shards=2)
+
+
+def test_an_upgrade_written_inside_the_fleet_folder_is_not_part_of_the_fleet(fleet: Path, tmp_path: Path) -> None:
+    root = _copy(fleet, tmp_path)
+    shutil.copytree(root / "team-a" / "lora", root / "upgraded" / "team-a__lora" / "adapter")  # an earlier run's output
+    names = lambda found: [p.relative_to(root).as_posix() for p in found]  # noqa: E731
+    assert names(find_adapters(root, exclude=root / "upgraded")) == ["team-a/lora", "team-b/shira"]
+    assert "upgraded/team-a__lora/adapter" in names(find_adapters(root))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -271,3 +290,31 @@ def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards
     merged = json.loads((sweep / "upgrade_report.json").read_text())
     assert [r["adapter"] for r in merged] == ["team-a__lora", "team-b__shira"]
     assert _cli("upgrade-report", str(tmp_path / "nothing"), cwd=tmp_path).returncode == 2
+
+
+def test_readme_fleet_upgrade_as_typed_with_progress_bars(tmp_path: Path) -> None:
+    """The README's fleet commands as typed (default trainers, progress bars on, the README's own arguments), only
+    micro models and short steps appended: two `lightning-peft train` runs into a fleet folder, then the upgrade."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "lightning-peft upgrade" in b]
+    *trains, upgrade = [shlex.split(line, comments=True) for line in block.strip().splitlines()]
+    assert trains and all(c[:2] == ["lightning-peft", "train"] for c in trains) and upgrade[:2] == ["lightning-peft", "upgrade"]
+    short = ["model.name_or_path=llama-micro-v1", "trainer.max_steps=2", "module.max_new_tokens=4", "task.max_length=64",
+             "task.num_train=16", "task.num_val=0", "task.num_test=4", "logger=csv"]
+    for cmd in trains:
+        proc = _cli(*cmd[1:], *short, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    quick = ["num_holdout=3", "num_synthetic=4", "max_new_tokens=6", "synthesis.generator_context=256",
+             "synthesis.max_new_tokens=24", "synthesis.generate_batch_size=8", "student.trainer_kwargs.max_steps=2",
+             "synthesis.warm_steps=2", "student.data_kwargs.batch_size=4", "logger=csv"]
+    args = [a for a in upgrade[2:] if not a.startswith("new=")]
+    proc = _cli("upgrade", *args, "new=llama-micro-v2", *quick, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "run" / "upgraded" / "upgrade_report.json").read_text())
+    assert len(rows) == len(trains) and all(r["route"] in ("direct", "translora", "needs_data") for r in rows)
+    for r in rows:  # every routed adapter is a peft folder on the new base
+        if r["output"]:
+            assert (Path(r["output"]) / "adapter_config.json").is_file()

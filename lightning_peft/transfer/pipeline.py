@@ -80,6 +80,10 @@ class TransferConfig:
             shapes (a same-family update), instead of a fresh adapter; a target it does not fit
             gets a fresh one. Ours, not in the paper (which transfers across families): the
             synthetic data then only has to correct the drift, not teach the task from scratch.
+        warm_lr, warm_steps: Peak learning rate and steps of a warm-started student (``None``: the
+            student's own ``lr`` and ``max_steps``). Lower and fewer than a fresh student's: at a fresh
+            student's 5e-3 / 300 steps it drifts away from what the source adapter knew
+            (``benchmarks/README.md``, Trans-LoRA ablations).
     """
 
     source_model: str
@@ -105,6 +109,8 @@ class TransferConfig:
     kl_weight: float = 0.0
     kl_temperature: float = 1.0
     warm_start: bool = True
+    warm_lr: float | None = 5e-4
+    warm_steps: int | None = 100
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -328,6 +334,9 @@ def train_student(
     kw: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False}
     kw.update(trainer_kwargs or {})
     warm = cfg.warm_start and warm_start_from(module, cfg.source_adapter)
+    if warm:  # it continues a trained adapter: a gentler schedule than a fresh one's
+        module.hparams.lr = cfg.warm_lr or module.hparams.lr
+        kw["max_steps"] = cfg.warm_steps or kw.get("max_steps", -1)
     trainer = L.Trainer(callbacks=[] if warm else [create_method(method, **(method_kwargs or {}))], **kw)
     trainer.fit(module, data)
     if not test:

@@ -132,8 +132,9 @@ class UpgradeConfig:
 
 
 # --------------------------------------------------------------------------- the fleet
-def find_adapters(root: str | Path) -> list[Path]:
-    """Adapter folders under ``root`` (``adapter_config.json``), sorted; discriminators inside adapters skipped.
+def find_adapters(root: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Adapter folders under ``root`` (``adapter_config.json``), sorted; discriminators inside adapters skipped,
+    and everything under ``exclude`` (the upgrade's own output, when it lies inside ``root``).
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
@@ -142,8 +143,10 @@ def find_adapters(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"adapters={str(root)!r} is not a folder; pass the folder that holds your adapter folders")
+    skip = Path(exclude).resolve() if exclude is not None else None
     found = sorted(p.parent for p in root.rglob(CONFIG_FILE)
-                   if p.parent.name != DISCRIMINATOR_DIR and not p.parent.name.endswith("-discriminator"))
+                   if p.parent.name != DISCRIMINATOR_DIR and not p.parent.name.endswith("-discriminator")
+                   and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not found:
         raise ValueError(f"adapters={str(root)!r} holds no adapter folder (none has an {CONFIG_FILE}); point it at the "
                          "folder your adapters were saved into (lightning-peft train writes <run dir>/adapter)")
@@ -170,12 +173,11 @@ def upgrade_fleet(cfg: UpgradeConfig, progress: bool = True) -> list[dict[str, A
 
     from lightning_peft import zoo
 
-    root = Path(cfg.adapters)
-    folders = find_adapters(root)
+    root, out = Path(cfg.adapters), Path(cfg.out)
+    folders = find_adapters(root, exclude=out)
     if cfg.shard is not None:
         folders = folders[cfg.shard :: cfg.num_shards]
     zoo.resolve(cfg.new)  # an unknown zoo-like name fails here, before any work
-    out = Path(cfg.out)
     settings = cfg.settings()
     # changed settings are refused before anything runs, naming the keys
     for folder in folders:
@@ -318,7 +320,10 @@ def _check_inputs(folder: Path, record: AdapterRecord, old: str, cfg: UpgradeCon
             f"{folder} carries no seed inputs, so nothing can check a candidate without real data; save adapters "
             "with UpgradeRecord(num_seeds=5) (lightning-peft train does), or retrain this one with its data"
         )
-    synthetic = _synthesize(folder, record, old, cfg, target, cfg.num_holdout)
+    try:
+        synthetic = _synthesize(folder, record, old, cfg, target, cfg.num_holdout)
+    except RuntimeError as exc:  # the generator ran out of budget first: check on the seeds and what it kept
+        synthetic = _short_set(target, exc)
     holdout = synthetic.accepted[: cfg.num_holdout]
     seed_out = greedy_completions(reference, ref_tok, record.seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
     inputs = list(record.seeds) + [r["input"] for r in holdout]
@@ -345,6 +350,15 @@ def _synthesize(folder: Path, record: AdapterRecord, old: str, cfg: UpgradeConfi
     return synthesize(_transfer_config(folder, record, old, cfg, target, count))
 
 
+def _short_set(target: Path, exc: RuntimeError) -> Any:
+    """The synthetic set a synthesis saved before it gave up short of its count (``exc`` says why)."""
+    from lightning_peft.transfer import SyntheticSet
+
+    synthetic = SyntheticSet.load(target / "synthetic.jsonl")
+    log.warning("upgrade: %s: %s; going on with the %d kept", target.name, exc, len(synthetic.accepted))
+    return synthetic
+
+
 def _direct(folder: Path, record: AdapterRecord, old: str, method: str, cfg: UpgradeConfig, target: Path,
             bases: _Bases, synthetic: Any) -> tuple[nn.Module, Any, nn.Module, Path] | str:
     """The old adapter loaded onto the new base (or why it cannot be)."""
@@ -360,11 +374,21 @@ def _translora(folder: Path, record: AdapterRecord, old: str, method: str, cfg: 
     """A Trans-LoRA student on the new base, trained on synthetic inputs labelled by the old base + adapter."""
     from lightning_peft.transfer import train_student
 
+    if len(synthetic.accepted) < cfg.num_holdout:
+        stats = synthetic.header.get("stats") or {}
+        return (f"the generator wrote only {len(synthetic.accepted)} usable inputs for the {cfg.num_holdout} held-out "
+                f"ones ({stats.get('proposed', 0)} proposals), too few to train a student on; raise "
+                "synthesis.max_proposed or set synthesis.generator to a model that follows the seeds")
     wanted = cfg.num_synthetic or min(record.train_size or cfg.max_synthetic, cfg.max_synthetic)
     tcfg = _transfer_config(folder, record, old, cfg, target, cfg.num_holdout + wanted)
-    syn = _synthesize(folder, record, old, cfg, target, cfg.num_holdout + wanted)
+    try:
+        syn = _synthesize(folder, record, old, cfg, target, cfg.num_holdout + wanted)
+    except RuntimeError as exc:  # short of the count: the student learns from what was kept, the check judges it
+        syn = _short_set(target, exc)
     train = copy.copy(syn)
     train.records = syn.accepted[cfg.num_holdout :]  # the held-out inputs stay unseen
+    if not train.records:
+        return "the generator wrote no usable input beyond the held-out ones; raise synthesis.max_proposed"
     student = {**cfg.student, "method": cfg.student.get("method") or method}
     module, _ = train_student(tcfg, train, student["method"], student.get("method_kwargs"), student.get("module_kwargs"),
                               student.get("trainer_kwargs"), student.get("data_kwargs"), test=False)
