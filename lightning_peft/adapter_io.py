@@ -311,7 +311,8 @@ def load_adapter(
     set_peft_model_state_dict(base, {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}, adapter_name, low_cpu_mem_usage=True)
     activate_all_adapters(base)
     for n, p in base.named_parameters():
-        if f".{adapter_name}." in n and n.startswith(adapter_key_prefixes(base)):
+        named = f".{adapter_name}." in n or n.endswith(f".{adapter_name}")  # lora_A.default.weight, shira_weight.default
+        if named and n.startswith(adapter_key_prefixes(base)):
             p.requires_grad_(is_trainable)
     install_adapter_only_state_dict(module)
     if "base" in meta:

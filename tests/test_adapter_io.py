@@ -92,6 +92,32 @@ def test_loaded_adapter_is_frozen_unless_trainable(saved: Path, bases) -> None:
     assert names and all("lora_" in n for n in names)
 
 
+@pytest.mark.parametrize("make", [lambda: lp.SHiRA(density=0.05, mask="random"),
+                                  lambda: lp.RoSA(r=2, density=0.05, mask_criterion="random", warmup_steps=0)],
+                         ids=["shira", "rosa"])
+def test_sparse_adapters_load_trainable_as_they_trained(make, tmp_path: Path) -> None:
+    """is_trainable=True makes trainable exactly what the method's callback trained (SHiRA's values are named
+    `shira_weight.default`, with the adapter name last), so a loaded adapter can be trained on (a warm start)."""
+    import lightning as L
+
+    from lightning_peft.module import CausalLMModule
+    from lightning_peft.tasks import get_task
+
+    quiet = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0)
+    data = lambda: get_task("arithmetic", tokenizer="llama-micro-v1", max_length=64, num_train=8, num_val=0,  # noqa: E731
+                            num_test=0, batch_size=4)
+    trained = CausalLMModule("llama-micro-v1", generate_on_val=False)
+    L.Trainer(max_steps=1, callbacks=[make()], **quiet).fit(trained, data())
+    expected = {n for n, p in trained.named_parameters() if p.requires_grad}
+    loaded = CausalLMModule("llama-micro-v1", generate_on_val=False)
+    loaded.configure_model()
+    lp.load_adapter(loaded, lp.save_adapter(trained, tmp_path / "adapter"), is_trainable=True)
+    assert expected and {n for n, p in loaded.named_parameters() if p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters() if p.requires_grad}
+    L.Trainer(max_steps=1, **quiet).fit(loaded, data())
+    assert any(not torch.equal(before[n], p) for n, p in loaded.named_parameters() if n in before)
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
