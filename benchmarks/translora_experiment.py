@@ -135,7 +135,7 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
         cfg = transfer.TransferConfig(**common, filter=filt, cache=str(work / f"{src}-{tgt}-{task}-{seed}-{name}.jsonl"))
         try:
             syn = transfer.synthesize(cfg)
-        except RuntimeError as e:  # the generator ran out of new inputs first: train on what was kept and saved
+        except transfer.SynthesisShortError as e:  # the generator ran out of new inputs first: train on what was kept
             print(f"{name}: {e}", file=sys.stderr)
             syn = transfer.SyntheticSet.load(cfg.cache)
         # the unfiltered ablation trains on as many examples as the filter kept: same count, no filter

@@ -6,8 +6,8 @@
 3. **Upgrade**: ``lightning-peft upgrade adapters=<fleet> new=<target> keep_candidates=true threshold=1.0`` per
    target (llama-v2, llama-v2-major, qwen2-v1): every route is scored and every candidate kept.
 4. **Real test accuracy** of every candidate, the bare target and Fine-tune_n (token accuracy and loss).
-5. **Calibration**: the agreement threshold above which candidates keep >= ``--goal`` of the source
-   adapter's token accuracy; then the routes the fleet gets at that threshold.
+5. **Calibration**: the agreement threshold above which (and the token-level KL ``max_kl`` below which)
+   candidates keep >= ``--goal`` of the source adapter's token accuracy; then the routes the fleet gets there.
 
 Writes ``benchmarks/results/upgrade_fleet.{json,md,png}``. Reruns continue (every step is cached in ``--work``).
 
@@ -75,6 +75,16 @@ def calibrate(points: list[dict[str, Any]], goal: float) -> float:
     return 1.0
 
 
+def calibrate_kl(points: list[dict[str, Any]], goal: float) -> float | None:
+    """Largest token-level KL below which every candidate keeps >= ``goal`` (same vocabulary only); ``None``: none."""
+    best = None
+    for p in sorted((p for p in points if p.get("kl") is not None), key=lambda p: p["kl"]):
+        if p["relative_acc"] < goal:
+            break
+        best = p["kl"]
+    return None if best is None else round(best + 5e-4, 3)  # rounded up: the last qualifying candidate stays in
+
+
 def _pm(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -129,27 +139,36 @@ def main() -> None:
                 row[route] = {**score, "acc": real["token_acc"], "loss": real["loss"],
                               "relative_acc": real["token_acc"] / src["acc"]}
             rows.append(row)
-    points = [{"agreement": r[route]["agreement"], "relative_acc": r[route]["relative_acc"], "route": route,
-               "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
-    threshold = calibrate(points, args.goal)
-    for r in rows:  # the routing at the calibrated threshold: the first route that passes, else needs data
-        taken = next((route for route in ("direct", "translora") if route in r and r[route]["agreement"] >= threshold),
-                     None)
+    points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "relative_acc": r[route]["relative_acc"],
+               "route": route, "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
+    threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
+
+    def passes(score: dict[str, Any]) -> bool:  # as `upgrade threshold=<threshold> max_kl=<max_kl>` decides
+        kl = score.get("kl")
+        return score["agreement"] >= threshold or (max_kl is not None and kl is not None and kl <= max_kl)
+
+    for r in rows:  # the routing at the calibrated thresholds: the first route that passes, else needs data
+        taken = next((route for route in ("direct", "translora") if route in r and passes(r[route])), None)
         r["route"] = taken or "needs_data"
         r["route_acc"] = r[taken]["acc"] if taken else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"threshold": threshold, "goal": args.goal, "rows": rows,
-                                                        "points": points}, indent=2))
-    text = markdown(rows, points, threshold, args.goal)
+    args.out.with_suffix(".json").write_text(json.dumps({"threshold": threshold, "max_kl": max_kl, "goal": args.goal,
+                                                        "rows": rows, "points": points}, indent=2))
+    text = markdown(rows, points, threshold, max_kl, args.goal)
     args.out.with_suffix(".md").write_text(text)
     plot(rows, points, threshold, args.out.with_suffix(".png"))
     print(text)
 
 
-def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, goal: float) -> str:
+def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, max_kl: float | None,
+             goal: float) -> str:
+    with_kl = sum(p.get("kl") is not None for p in points)
     lines = ["# Fleet upgrade on the zoo (`python benchmarks/upgrade_fleet.py`)", "",
              f"Calibrated threshold: agreement >= {threshold} (every candidate above it keeps >= {goal} of its source "
              f"adapter's token accuracy; {len(points)} candidates).", "",
+             f"Calibrated max_kl: token-level KL <= {max_kl} (every candidate below it keeps >= {goal}; {with_kl} "
+             "candidates share the old base's vocabulary). The taken route uses both, as `lightning-peft upgrade "
+             f"threshold={threshold} max_kl={max_kl}` would.", "",
              "Token accuracy on the target's real test split, mean ± std over seeds:", "",
              "| target | task | method | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
              "Fine-tune_n | routes (direct / translora / needs data) | agreement direct / translora | s per adapter |",

@@ -158,6 +158,25 @@ def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeyp
         assert read_record(row["output"]).seeds == read_record(fleet / "team-a" / "lora").seeds  # carried on
 
 
+@pytest.mark.parametrize(("max_kl", "route"), [(0.3, "direct"), (0.1, "needs_data"), (None, "needs_data")])
+def test_a_small_token_kl_takes_a_route_the_agreement_does_not(fleet: Path, tmp_path: Path, monkeypatch, max_kl,
+                                                                route: str) -> None:
+    def candidate(folder, record, old, method, cfg, target, bases, synthetic):
+        model, tok = bases.adapted(cfg.new, folder)
+        return model, tok, model, folder
+
+    monkeypatch.setattr(fleet_mod, "_ROUTES", {"direct": candidate})
+    monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.5, 0.0, 0.2, 1))  # low agreement, kl 0.2
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
+                        routes=["direct"], threshold=0.8, max_kl=max_kl)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == route
+    if route == "needs_data":
+        kl = "" if max_kl is None else f", kl 0.200 > max_kl {max_kl}"
+        assert row["reason"].endswith(f"direct: agreement 0.500 < threshold 0.8{kl}")
+
+
 def test_no_direct_route_across_families_and_no_check_without_seeds(fleet: Path, tmp_path: Path) -> None:
     made = fleet_mod._direct(fleet / "team-a" / "lora", None, "llama-micro-v1", "lora",
                              UpgradeConfig(adapters=".", new="qwen2-micro-v1"), tmp_path, fleet_mod._Bases(), None)
@@ -248,6 +267,8 @@ def test_bad_input_is_named_with_the_fix(fleet: Path, tmp_path: Path) -> None:
         UpgradeConfig(adapters=".", new="x", routes=["retrain"])
     with pytest.raises(ValueError, match=r"threshold is an agreement in \[0, 1\]"):
         UpgradeConfig(adapters=".", new="x", threshold=2)
+    with pytest.raises(ValueError, match=r"max_kl is a KL in nats per token, >= 0 or null, got -1; e.g. max_kl=0.3"):
+        UpgradeConfig(adapters=".", new="x", max_kl=-1)
 
 
 # --------------------------------------------------------------------------- the command, as a user types it

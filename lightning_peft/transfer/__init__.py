@@ -27,6 +27,7 @@ from lightning_peft.transfer.models import (
     sample_candidates,
 )
 from lightning_peft.transfer.pipeline import (
+    SynthesisShortError,
     TransferConfig,
     adapter_fingerprint,
     fitting_seeds,
@@ -51,6 +52,7 @@ __all__ = [
     "FilterResult",
     "ProvenanceMismatchError",
     "SeedFormat",
+    "SynthesisShortError",
     "SyntheticSet",
     "TransLoRADiscriminator",
     "TransferConfig",

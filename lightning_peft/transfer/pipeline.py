@@ -36,7 +36,11 @@ from lightning_peft.transfer.models import completion_margins, embed, greedy_com
 from lightning_peft.transfer.provenance import SyntheticSet
 from lightning_peft.transfer.synthesis import Deduplicator, SeedFormat, seed_list_prompt
 
-__all__ = ["TransferConfig", "adapter_fingerprint", "fitting_seeds", "synthesize", "train_student"]
+__all__ = ["SynthesisShortError", "TransferConfig", "adapter_fingerprint", "fitting_seeds", "synthesize", "train_student"]
+
+
+class SynthesisShortError(RuntimeError):
+    """The synthesis gave up before it kept the examples asked for (what it kept is saved in its cache)."""
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +194,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
 
     Raises:
         ProvenanceMismatchError: ``cfg.cache`` exists but was made with other settings.
-        RuntimeError: fewer than ``num_synthetic`` accepted within ``max_proposed`` proposals
+        SynthesisShortError: fewer than ``num_synthetic`` accepted within ``max_proposed`` proposals
             (what was found is saved to ``cfg.cache`` first).
         ValueError: ``num_synthetic`` unset and not recorded with the discriminator.
     """
@@ -242,7 +246,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         if cfg.cache:
             syn.save(cfg.cache)  # also when short: a rerun continues from here
         if len(syn.accepted) < wanted:
-            raise RuntimeError(
+            raise SynthesisShortError(
                 f"Trans-LoRA kept only {len(syn.accepted)} of the {wanted} requested synthetic examples "
                 f"(acceptance {result.acceptance_rate:.3f} over {result.proposed} proposals). Raise max_proposed, lower "
                 "num_synthetic, sample more diversely (temperature), or check the discriminator; "

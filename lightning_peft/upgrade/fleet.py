@@ -45,6 +45,7 @@ from lightning_peft.adapter_io import (
 )
 from lightning_peft.atomic import atomic_write_text
 from lightning_peft.registry import spec_for_peft_type
+from lightning_peft.transfer.pipeline import SynthesisShortError
 from lightning_peft.upgrade.agreement import Agreement, agreement
 from lightning_peft.upgrade.record import DISCRIMINATOR_DIR, RECORD_ATTR, AdapterRecord, read_record
 
@@ -76,6 +77,9 @@ class UpgradeConfig:
         out: Where the upgraded adapters go (one folder per adapter, named like its source path).
         routes: Routes tried, in this order (``direct``, ``translora``).
         threshold: Agreement a route needs to be taken (calibrated on the zoo, see ``benchmarks/upgrade_fleet.py``).
+        max_kl: Also take a route whose token-level KL to the reference is at most this (nats per token;
+            same vocabulary only, so same-family updates; ``None``: agreement alone decides). On the zoo the
+            KL predicts real accuracy far better than the agreement does (``benchmarks/README.md``).
         num_holdout: Held-out synthetic inputs the check scores on (besides the seeds).
         num_synthetic: Synthetic examples a Trans-LoRA student trains on (default: the adapter's
             recorded training-set size, capped at ``max_synthetic``).
@@ -98,6 +102,7 @@ class UpgradeConfig:
     out: str = "upgraded"
     routes: list[str] = field(default_factory=lambda: list(ROUTES))
     threshold: float = 0.8
+    max_kl: float | None = None
     num_holdout: int = 16
     num_synthetic: int | None = None
     max_synthetic: int = 256
@@ -116,6 +121,8 @@ class UpgradeConfig:
                              "e.g. routes=[direct,translora]")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"upgrade threshold is an agreement in [0, 1], got {self.threshold!r}; e.g. threshold=0.8")
+        if self.max_kl is not None and not (isinstance(self.max_kl, (int, float)) and self.max_kl >= 0):
+            raise ValueError(f"upgrade max_kl is a KL in nats per token, >= 0 or null, got {self.max_kl!r}; e.g. max_kl=0.3")
         if self.shard is not None and not (isinstance(self.num_shards, int) and 0 <= self.shard < self.num_shards):
             raise ValueError(f"upgrade shard must be in [0, num_shards), got shard={self.shard!r} num_shards="
                              f"{self.num_shards!r}; e.g. `-m shard=0,1,2,3 num_shards=4`")
@@ -299,11 +306,13 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, bases: _Base
         scores[route] = score.to_dict()
         if cfg.keep_candidates:
             _save(owner, adapter_source, target / "candidates" / route, route, score, record, cfg, old)
-        if score.agreement >= cfg.threshold:
+        close = cfg.max_kl is not None and score.kl is not None and score.kl <= cfg.max_kl
+        if score.agreement >= cfg.threshold or close:
             output = _save(owner, adapter_source, target / "adapter", route, score, record, cfg, old)
             return {"route": route, "agreement": score.agreement, "scores": scores, "method": method, "old": old,
                     "new": cfg.new, "output": str(output), "reason": None}
-        reasons.append(f"{route}: agreement {score.agreement:.3f} < threshold {cfg.threshold}")
+        kl = f", kl {score.kl:.3f} > max_kl {cfg.max_kl}" if cfg.max_kl is not None and score.kl is not None else ""
+        reasons.append(f"{route}: agreement {score.agreement:.3f} < threshold {cfg.threshold}{kl}")
     best = max(scores.items(), key=lambda kv: kv[1]["agreement"], default=(None, None))
     return {"route": "needs_data", "agreement": best[1]["agreement"] if best[1] else None, "scores": scores,
             "method": method, "old": old, "new": cfg.new, "output": None,
@@ -322,7 +331,7 @@ def _check_inputs(folder: Path, record: AdapterRecord, old: str, cfg: UpgradeCon
         )
     try:
         synthetic = _synthesize(folder, record, old, cfg, target, cfg.num_holdout)
-    except RuntimeError as exc:  # the generator ran out of budget first: check on the seeds and what it kept
+    except SynthesisShortError as exc:  # the generator ran out of budget first: check on the seeds and what it kept
         synthetic = _short_set(target, exc)
     holdout = synthetic.accepted[: cfg.num_holdout]
     seed_out = greedy_completions(reference, ref_tok, record.seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
@@ -350,7 +359,7 @@ def _synthesize(folder: Path, record: AdapterRecord, old: str, cfg: UpgradeConfi
     return synthesize(_transfer_config(folder, record, old, cfg, target, count))
 
 
-def _short_set(target: Path, exc: RuntimeError) -> Any:
+def _short_set(target: Path, exc: SynthesisShortError) -> Any:
     """The synthetic set a synthesis saved before it gave up short of its count (``exc`` says why)."""
     from lightning_peft.transfer import SyntheticSet
 
@@ -383,7 +392,7 @@ def _translora(folder: Path, record: AdapterRecord, old: str, method: str, cfg: 
     tcfg = _transfer_config(folder, record, old, cfg, target, cfg.num_holdout + wanted)
     try:
         syn = _synthesize(folder, record, old, cfg, target, cfg.num_holdout + wanted)
-    except RuntimeError as exc:  # short of the count: the student learns from what was kept, the check judges it
+    except SynthesisShortError as exc:  # short of the count: the student learns from what was kept, the check judges it
         syn = _short_set(target, exc)
     train = copy.copy(syn)
     train.records = syn.accepted[cfg.num_holdout :]  # the held-out inputs stay unseen
