@@ -22,9 +22,10 @@ right, so token accuracy is the finer measure there. Also recorded: the filter's
 rate of synthetic inputs and of real test inputs
 (``disc_real_acceptance``) and the MMD of kept / rejected inputs to the seeds.
 
-Ablations of the synthesis (``--no-anchor``: the paper's free continuation instead of
-:class:`~lightning_peft.transfer.synthesis.SeedFormat`; ``--generator``; ``--synthetic``;
-``--student-steps``) each write their own ``--out`` folder; ``--only`` skips the slower rows.
+Ablations of the synthesis and the student (``--no-anchor``: the paper's free continuation instead of
+:class:`~lightning_peft.transfer.synthesis.SeedFormat`; ``--generator``; ``--synthetic``; ``--student-lr``,
+``--student-steps``, ``--warm-lr``, ``--warm-steps``) each write their own ``--out`` folder; ``--only`` picks the
+optional rows. ``benchmarks/translora_ablation.py`` runs and gathers the recorded settings.
 
 Run: python benchmarks/translora_experiment.py [--seeds 0 1 2] [--steps 300] [--synthetic 64] [--resume]
 (about 50 minutes on 2 CPU cores). Writes benchmarks/results/translora.{json,md,png}.
@@ -57,8 +58,7 @@ NUM_SEEDS = {"data2text": 5, "sql": 3}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
          "accelerator": "cpu", "devices": 1}
 COLS = ["source", "target_base", "trans_lora", "trans_lora_kl", "unfiltered", "trans_lora_warm", "unfiltered_warm",
-        "trans_lora_kl_warm",
-        "seeds_only", "no_transfer"]
+        "trans_lora_kl_warm", "seeds_only", "no_transfer"]
 
 
 def _test(module: CausalLMModule, task: str, model: str, n_test: int) -> dict[str, float]:
@@ -82,7 +82,7 @@ def _train(model: str, task: str, args, seed: int, examples: list[Example] | Non
            callbacks: tuple = (), init: Path | None = None) -> tuple[CausalLMModule, dict[str, float]]:
     """A LoRA (r=8) on ``model``: on the task's real training split, or on ``examples`` (``--student-steps``).
 
-    ``init``: start from that adapter when it fits ``model`` (``--warm-start``), else from a fresh LoRA.
+    ``init``: start from that adapter when it fits ``model`` (``--only warm``), else from a fresh LoRA.
     """
     L.seed_everything(seed, verbose=False)
     module = _module(model, None if examples is None else args.student_lr)
