@@ -30,6 +30,7 @@ __all__ = [
     "append_rows",
     "device_name",
     "gbps",
+    "mean_std",
     "peak_memory",
     "row",
     "tflops",
@@ -110,6 +111,16 @@ def tflops(flops: float, seconds: float) -> float:
 def gbps(nbytes: float, seconds: float) -> float:
     """Bandwidth in GB/s (1e9 bytes)."""
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def mean_std(values: Iterable[float]) -> str:
+    """``mean ± std`` (population std) of the finite values, the mean alone for one, ``n/a`` for none."""
+    import statistics
+
+    finite = [v for v in values if v == v]  # NaN: a row that was not trained (too few examples)
+    if not finite:
+        return "n/a"
+    return f"{statistics.fmean(finite):.3f}" + (f" ± {statistics.pstdev(finite):.3f}" if len(finite) > 1 else "")
 
 
 def device_name(device: torch.device | str) -> str:

@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from harness import mean_std  # noqa: E402
+
 RESULTS = ROOT / "results"
 SAME_FAMILY = ["--pairs", "llama-v1:llama-v2", "--only", "unfiltered", "warm"]
 # setting -> (what it changes, translora_experiment.py flags); the first is the paper's recipe of the last round
@@ -51,12 +54,6 @@ def run(name: str, flags: list[str], seeds: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _pm(values: list[float]) -> str:
-    values = [v for v in values if v == v]  # NaN: too few kept to train on
-    if not values:
-        return "n/a"
-    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
-
 
 def gather() -> list[dict]:
     """One row per (setting, pair, task): the seeds' token accuracies per column."""
@@ -82,7 +79,7 @@ def markdown(rows: list[dict]) -> str:
              "| setting | pair | task | n | " + " | ".join(COLS) + " |", "|" + "---|" * (4 + len(COLS))]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['pair']} | {r['task']} | {len(r['seeds'])} | "
-                     + " | ".join(_pm(r[c]) for c in COLS) + " |")
+                     + " | ".join(mean_std(r[c]) for c in COLS) + " |")
     lines += ["", "Settings:", ""] + [f"- `{k}`: {w} (`translora_experiment.py {' '.join(f)}`)"
                                       for k, (w, f) in SETTINGS.items()]
     return "\n".join(lines) + "\n"

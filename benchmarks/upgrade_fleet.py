@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from harness import mean_std  # noqa: E402
+
 RESULTS = ROOT / "results"
 
 
@@ -84,11 +87,6 @@ def calibrate_kl(points: list[dict[str, Any]], goal: float) -> float | None:
         best = p["kl"]
     return None if best is None else round(best + 5e-4, 3)  # rounded up: the last qualifying candidate stays in
 
-
-def _pm(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
 
 
 def main() -> None:
@@ -181,10 +179,10 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
             return [r[route][key] for r in rs if route in r]
         counts = "/".join(str(sum(r["route"] == k for r in rs)) for k in ("direct", "translora", "needs_data"))
         taken = [r["route_acc"] for r in rs if r["route_acc"] is not None]
-        lines.append(f"| {target} | {task} | {method} | {_pm([r['acc'] for r in rs])} | {_pm([r['bare_acc'] for r in rs])} | "
-                     f"{_pm(vals('direct', 'acc'))} | {_pm(vals('translora', 'acc'))} | {_pm(taken)} | "
-                     f"{_pm([r['fine_tune_n_acc'] for r in rs])} | {counts} | {_pm(vals('direct', 'agreement'))} / "
-                     f"{_pm(vals('translora', 'agreement'))} | {_pm([r['seconds'] for r in rs])} |")
+        lines.append(f"| {target} | {task} | {method} | {mean_std([r['acc'] for r in rs])} | {mean_std([r['bare_acc'] for r in rs])} | "
+                     f"{mean_std(vals('direct', 'acc'))} | {mean_std(vals('translora', 'acc'))} | {mean_std(taken)} | "
+                     f"{mean_std([r['fine_tune_n_acc'] for r in rs])} | {counts} | {mean_std(vals('direct', 'agreement'))} / "
+                     f"{mean_std(vals('translora', 'agreement'))} | {mean_std([r['seconds'] for r in rs])} |")
     return "\n".join(lines) + "\n"
 
 

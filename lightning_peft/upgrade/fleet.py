@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ROUTES = ("direct", "translora")
 DONE_FILE = "upgrade_done.json"
+SYNTHETIC_FILE = "synthetic.jsonl"  # an adapter's synthetic set, shared by the check and the Trans-LoRA route
 
 
 class UpgradeSettingsError(ValueError):
@@ -347,7 +348,7 @@ def _transfer_config(folder: Path, record: AdapterRecord, old: str, cfg: Upgrade
     return TransferConfig(
         source_model=old, source_adapter=str(folder), target_model=cfg.new, task=record.task or "task",
         seeds=list(record.seeds), discriminator=record.discriminator, filter=record.discriminator is not None,
-        num_synthetic=count, cache=str(target / "synthetic.jsonl"), seed=cfg.seed,
+        num_synthetic=count, cache=str(target / SYNTHETIC_FILE), seed=cfg.seed,
         task_kwargs=dict(record.task_kwargs), **kwargs,
     )
 
@@ -363,7 +364,7 @@ def _short_set(target: Path, exc: SynthesisShortError) -> Any:
     """The synthetic set a synthesis saved before it gave up short of its count (``exc`` says why)."""
     from lightning_peft.transfer import SyntheticSet
 
-    synthetic = SyntheticSet.load(target / "synthetic.jsonl")
+    synthetic = SyntheticSet.load(target / SYNTHETIC_FILE)
     log.warning("upgrade: %s: %s; going on with the %d kept", target.name, exc, len(synthetic.accepted))
     return synthetic
 
