@@ -24,6 +24,7 @@ the seeds.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -140,11 +141,11 @@ class SeedFormat:
         if len(cleaned) < 2:
             self.prefix = self.suffix = ""
             return
-        head = _common_prefix(cleaned)
+        head = os.path.commonprefix(cleaned)
         line_start = head.rfind("\n") + 1
         label = re.match(r"[A-Za-z][\w ]{0,30}:(?= )", head[line_start:])  # no trailing space: the model writes it
         self.prefix = head[:line_start] + (label.group(0) if label else "")
-        tail = _common_prefix([s[::-1] for s in cleaned])[::-1]
+        tail = os.path.commonprefix([s[::-1] for s in cleaned])[::-1]
         cut = tail.find("\n")
         self.suffix = tail[cut:] if cut >= 0 else tail[tail.rfind(" "):] if " " in tail else ""
         if self.prefix and self.suffix and len(self.prefix) + len(self.suffix) > min(map(len, cleaned)):
@@ -165,8 +166,3 @@ class SeedFormat:
     def __repr__(self) -> str:
         return f"SeedFormat(prefix={self.prefix!r}, suffix={self.suffix!r})"
 
-
-def _common_prefix(texts: Sequence[str]) -> str:
-    first, last = min(texts), max(texts)
-    n = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
-    return first[:n]
