@@ -35,6 +35,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
                  [*SAME_FAMILY, "--warm-lr", "5e-3", "--warm-steps", "300"]),
     "anchored_default": ("anchored; warm students at the default warm_lr 5e-4 / warm_steps 100 (fresh ones too)",
                          [*SAME_FAMILY, "--student-lr", "5e-4", "--student-steps", "100"]),
+    "free_default": ("free continuation (as `paper`); warm students at the default warm_lr 5e-4 / warm_steps 100",
+                     ["--no-anchor", *SAME_FAMILY, "--student-lr", "5e-4", "--student-steps", "100"]),
     "anchored_qwen2": ("anchored, to another family (no warm start, no direct reuse)",
                        ["--pairs", "llama-v1:qwen2-v1", "--only", "unfiltered"]),
 }

@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--upgrade", nargs="*", default=[], help="extra `lightning-peft upgrade` overrides")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "upgrade_fleet")
     parser.add_argument("--out", type=Path, default=RESULTS / "upgrade_fleet")
+    parser.add_argument("--include", type=Path, nargs="*", default=[],
+                        help="earlier upgrade_fleet.json files (same settings) whose rows join the table, e.g. other seeds")
     args = parser.parse_args()
     tasks, methods, targets = args.tasks.split(","), args.methods.split(","), args.targets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -137,6 +139,9 @@ def main() -> None:
                 row[route] = {**score, "acc": real["token_acc"], "loss": real["loss"],
                               "relative_acc": real["token_acc"] / src["acc"]}
             rows.append(row)
+    have = {(r["adapter"], r["target"]) for r in rows}
+    for path in args.include:
+        rows += [r for r in json.loads(path.read_text())["rows"] if (r["adapter"], r["target"]) not in have]
     points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "relative_acc": r[route]["relative_acc"],
                "route": route, "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
     threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
@@ -168,9 +173,9 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
              "candidates share the old base's vocabulary). The taken route uses both, as `lightning-peft upgrade "
              f"threshold={threshold} max_kl={max_kl}` would.", "",
              "Token accuracy on the target's real test split, mean ± std over seeds:", "",
-             "| target | task | method | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
+             "| target | task | method | n | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
              "Fine-tune_n | routes (direct / translora / needs data) | agreement direct / translora | s per adapter |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["task"], r["method"]), []).append(r)
@@ -179,7 +184,7 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
             return [r[route][key] for r in rs if route in r]
         counts = "/".join(str(sum(r["route"] == k for r in rs)) for k in ("direct", "translora", "needs_data"))
         taken = [r["route_acc"] for r in rs if r["route_acc"] is not None]
-        lines.append(f"| {target} | {task} | {method} | {mean_std([r['acc'] for r in rs])} | {mean_std([r['bare_acc'] for r in rs])} | "
+        lines.append(f"| {target} | {task} | {method} | {len(rs)} | {mean_std([r['acc'] for r in rs])} | {mean_std([r['bare_acc'] for r in rs])} | "
                      f"{mean_std(vals('direct', 'acc'))} | {mean_std(vals('translora', 'acc'))} | {mean_std(taken)} | "
                      f"{mean_std([r['fine_tune_n_acc'] for r in rs])} | {counts} | {mean_std(vals('direct', 'agreement'))} / "
                      f"{mean_std(vals('translora', 'agreement'))} | {mean_std([r['seconds'] for r in rs])} |")

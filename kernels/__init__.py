@@ -19,11 +19,25 @@ SDDMM ``torch.sparse.sampled_addmm``, see :func:`.sddmm.sddmm_sampled_addmm`).
 """
 
 # This folder sits at the repository root. When the root is on ``sys.path`` (``python -m pytest``,
-# a REPL started there) it is also findable as a top-level ``kernels``, which transformers probes
-# for Hugging Face's ``kernels`` package and imports. Re-exporting from that name would import
-# lightning_peft (and so transformers) in the middle of transformers' own import: a circular
-# import. So the re-exports run only under the installed name ``lightning_peft.kernels``.
-if __name__ == "lightning_peft.kernels":
+# ``python -m lightning_peft.cli``, a REPL started there) it is also findable as a top-level
+# ``kernels``: the name of Hugging Face's package, which transformers (>= 5.25: at import) loads.
+# Imported under that name, this folder hands over to the real package when it is installed (the
+# import system returns what ``sys.modules`` holds once this file has run), and exports nothing else.
+if __name__ != "lightning_peft.kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    )
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
+else:
     from lightning_peft.kernels.scatter import (
         scatter_add,
         scatter_add_reference,

@@ -32,16 +32,25 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 
 
 def test_the_kernels_folder_never_shadows_hugging_faces_kernels() -> None:
-    """From a checkout's root `kernels/` is importable as top-level `kernels`: transformers must not take it."""
+    """From a checkout's root `kernels/` is importable as top-level `kernels`: transformers must still get its own.
+
+    transformers >= 5.25 depends on Hugging Face's `kernels` and imports it with `transformers`; run from the
+    root (`python -m ...`, a REPL) that import used to find this folder and fail on a missing name.
+    """
     import subprocess
     import sys
 
     code = (
-        "import transformers.activations\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import importlib.metadata, os, lightning_peft, transformers.integrations.hub_kernels, kernels\n"
         "import lightning_peft.kernels as k\n"
-        "assert not is_kernels_available() and hasattr(k, 'sddmm')\n"
+        "assert hasattr(k, 'sddmm') and not hasattr(kernels, 'sddmm')\n"
+        "try:\n    importlib.metadata.distribution('kernels')\nexcept importlib.metadata.PackageNotFoundError:\n"
+        "    pass\nelse:  # Hugging Face's package is installed: `kernels` is it\n"
+        f"    assert not os.path.abspath(kernels.__file__).startswith({str(ROOT / 'kernels')!r}), kernels.__file__\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    cli = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "zoo", "list"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0 and "llama-v1" in cli.stdout, cli.stderr[-2000:]
 
