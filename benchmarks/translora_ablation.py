@@ -37,7 +37,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
                          [*SAME_FAMILY, "--student-lr", "5e-4", "--student-steps", "100"]),
     "free_default": ("free continuation (as `paper`); warm students at the default warm_lr 5e-4 / warm_steps 100",
                      ["--no-anchor", *SAME_FAMILY, "--student-lr", "5e-4", "--student-steps", "100"]),
-    "anchored_qwen2": ("anchored, to another family (no warm start, no direct reuse)",
+    "anchored_qwen2": ("anchored, to another family (no warm start, no direct reuse); SQL rerun with the fallback to "
+                       "the free continuation (`--tasks sql`)",
                        ["--pairs", "llama-v1:qwen2-v1", "--only", "unfiltered"]),
 }
 COLS = {"fresh": "trans_lora", "fresh unfiltered": "unfiltered", "warm": "trans_lora_warm",

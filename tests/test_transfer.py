@@ -316,6 +316,31 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
     computable = len(found.header["seeds"]) >= 2 and len(found.records) - len(found.accepted) >= 2
     assert isinstance(stats["mmd_rejected_vs_seeds"], float) if computable else stats["mmd_rejected_vs_seeds"] is None
 
+    # anchored items that nothing accepts for ANCHOR_PROBE_BATCHES generate calls: the free continuation takes over
+    def fake_stream(*args, anchor_format: bool, max_batches: int, **kwargs):
+        for b in range(max_batches):
+            yield [f"{'anchored' if anchor_format else 'free'} {b} {i}" for i in range(2)]
+
+    def verdicts(accept: str):
+        return lambda model, tok, batch, task: torch.tensor([1.0 if x.startswith(accept) else -1.0 for x in batch])
+
+    monkeypatch.setattr(transfer.pipeline, "sample_candidates", fake_stream)
+    monkeypatch.setattr(transfer.pipeline, "completion_margins", verdicts("free"))
+    fell_back = transfer.synthesize(transfer.TransferConfig(**common))
+    probe = transfer.pipeline.ANCHOR_PROBE_BATCHES
+    assert [r["input"] for r in fell_back.accepted] == ["free 0 0", "free 0 1", "free 1 0"]
+    assert [r["input"] for r in fell_back.records if not r["accepted"]] == [f"anchored {b} {i}" for b in range(probe)
+                                                                          for i in range(2)]
+    assert fell_back.header["stats"]["anchor_fallback"] is True
+    monkeypatch.setattr(transfer.pipeline, "completion_margins", verdicts("anchored"))  # accepted: anchored stays
+    anchored = transfer.synthesize(transfer.TransferConfig(**common))
+    assert [r["input"] for r in anchored.records] == ["anchored 0 0", "anchored 0 1", "anchored 1 0"]
+    assert anchored.header["stats"]["anchor_fallback"] is False
+    monkeypatch.setattr(transfer.pipeline, "completion_margins", verdicts(""))  # all accepted
+    free = transfer.synthesize(transfer.TransferConfig(**common, anchor_format=False))
+    assert [r["input"] for r in free.records] == ["free 0 0", "free 0 1", "free 1 0"]
+    monkeypatch.undo()
+
     cfg = transfer.TransferConfig(**common, filter=False, cache=str(tmp_path / "synthetic.jsonl"))
     syn = transfer.synthesize(cfg)
     assert len(syn.accepted) == 3 and all(r["output"] is not None for r in syn.accepted)

@@ -43,6 +43,8 @@ class SynthesisShortError(RuntimeError):
     """The synthesis gave up before it kept the examples asked for (what it kept is saved in its cache)."""
 
 log = logging.getLogger(__name__)
+# generate calls of anchored items after which, none accepted, synthesis falls back to the free continuation
+ANCHOR_PROBE_BATCHES = 4
 
 
 @dataclass
@@ -68,7 +70,10 @@ class TransferConfig:
         filter: Keep only what the discriminator accepts.
         anchor_format: Start every synthesised input with the seeds' common opening and end it
             with their common ending (:class:`~lightning_peft.transfer.synthesis.SeedFormat`;
-            ours, not in the paper: see ``benchmarks/README.md`` for what it changes).
+            ours, not in the paper: see ``benchmarks/README.md`` for what it changes). When the
+            first ``ANCHOR_PROBE_BATCHES`` generate calls of anchored items yield no accepted input,
+            synthesis goes on with the paper's free continuation (logged, and recorded in the
+            synthetic set's ``stats.anchor_fallback``).
         max_proposed: Give up after scoring this many proposals (default ``50 * num_synthetic``);
             sampling stops after ``4 * max_proposed / generate_batch_size`` generate calls too.
         temperature, top_p, generate_batch_size, max_new_tokens: Generator sampling.
@@ -224,16 +229,38 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         max_proposed = cfg.max_proposed or 50 * missing
         # bound the sampling too: a generator whose completions rarely parse must not loop for ever
         max_batches = max(4, 4 * max_proposed // cfg.generate_batch_size)
-        stream = sample_candidates(generator, gen_tok, seeds, cfg.task, batch_size=cfg.generate_batch_size,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                   seed=cfg.seed + len(syn.records), dedup=dedup, max_batches=max_batches,
-                                   anchor_format=cfg.anchor_format)
+        def stream(anchor: bool, batches: int) -> Any:
+            return sample_candidates(generator, gen_tok, seeds, cfg.task, batch_size=cfg.generate_batch_size,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                     seed=cfg.seed + len(syn.records), dedup=dedup, max_batches=batches,
+                                     anchor_format=anchor)
+
         if cfg.filter:
             disc, disc_tok = _load(cfg.source_model, discriminator_folder(cfg))
-            score = lambda batch: completion_margins(disc, disc_tok, batch, cfg.task)  # noqa: E731
+            margins = lambda batch: completion_margins(disc, disc_tok, batch, cfg.task)  # noqa: E731
         else:
-            score = lambda batch: torch.ones(len(batch))  # noqa: E731  (unfiltered ablation: accept all)
-        result = rejection_sample(stream, score, missing, max_proposed=max_proposed)
+            margins = lambda batch: torch.ones(len(batch))  # noqa: E731  (unfiltered ablation: accept all)
+        accepted = [0]
+
+        def score(batch: list[str]) -> torch.Tensor:
+            m = margins(batch)
+            accepted[0] += int((m > 0).sum())
+            return m
+
+        fallback = [False]
+
+        def anchored_then_free() -> Any:  # the free continuation once the anchored probe found nothing
+            for b, batch in enumerate(stream(True, max_batches)):
+                yield batch
+                if b + 1 >= ANCHOR_PROBE_BATCHES and not accepted[0]:
+                    log.warning("Trans-LoRA: none of %d generate calls of anchored items was accepted; going on with "
+                                "the free continuation of the seed list (anchor_format=false)", b + 1)
+                    fallback[0] = True
+                    yield from stream(False, max_batches - b - 1)
+                    return
+
+        proposals = anchored_then_free() if cfg.anchor_format else stream(False, max_batches)
+        result = rejection_sample(proposals, score, missing, max_proposed=max_proposed)
         teacher, teacher_tok = _load(cfg.source_model, cfg.source_adapter)
         outputs = greedy_completions(teacher, teacher_tok, result.kept, max_new_tokens=cfg.label_max_new_tokens)
         syn.records += [{"input": x, "output": y, "accepted": True, "score": s}
@@ -241,6 +268,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         syn.records += [{"input": x, "output": None, "accepted": False, "score": s}
                         for x, s in zip(result.rejected, result.rejected_scores)]
         syn.header["stats"] = _stats(result, seeds, *(_load(cfg.source_model) if not cfg.filter else (disc, disc_tok)))
+        syn.header["stats"]["anchor_fallback"] = fallback[0]
         console.print(f"Trans-LoRA: kept {len(result.kept)} of {result.proposed} proposals "
                       f"(acceptance {result.acceptance_rate:.2f}); {len(syn.accepted)} synthetic examples")
         if cfg.cache:
