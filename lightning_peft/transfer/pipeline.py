@@ -240,22 +240,22 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
             margins = lambda batch: completion_margins(disc, disc_tok, batch, cfg.task)  # noqa: E731
         else:
             margins = lambda batch: torch.ones(len(batch))  # noqa: E731  (unfiltered ablation: accept all)
-        accepted = [0]
+        accepted, fallback = 0, False
 
         def score(batch: list[str]) -> torch.Tensor:
+            nonlocal accepted
             m = margins(batch)
-            accepted[0] += int((m > 0).sum())
+            accepted += int((m > 0).sum())
             return m
 
-        fallback = [False]
-
         def anchored_then_free() -> Any:  # the free continuation once the anchored probe found nothing
+            nonlocal fallback
             for b, batch in enumerate(stream(True, max_batches)):
-                yield batch
-                if b + 1 >= ANCHOR_PROBE_BATCHES and not accepted[0]:
+                yield batch  # scored by rejection_sample before the next one is asked for
+                if b + 1 >= ANCHOR_PROBE_BATCHES and not accepted:
                     log.warning("Trans-LoRA: none of %d generate calls of anchored items was accepted; going on with "
                                 "the free continuation of the seed list (anchor_format=false)", b + 1)
-                    fallback[0] = True
+                    fallback = True
                     yield from stream(False, max_batches - b - 1)
                     return
 
@@ -268,7 +268,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None) -> Synthetic
         syn.records += [{"input": x, "output": None, "accepted": False, "score": s}
                         for x, s in zip(result.rejected, result.rejected_scores)]
         syn.header["stats"] = _stats(result, seeds, *(_load(cfg.source_model) if not cfg.filter else (disc, disc_tok)))
-        syn.header["stats"]["anchor_fallback"] = fallback[0]
+        syn.header["stats"]["anchor_fallback"] = fallback
         console.print(f"Trans-LoRA: kept {len(result.kept)} of {result.proposed} proposals "
                       f"(acceptance {result.acceptance_rate:.2f}); {len(syn.accepted)} synthetic examples")
         if cfg.cache:
