@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.text import ROUGEScore
 
 
 def normalize_whitespace(text: str) -> str:
@@ -55,3 +56,24 @@ class ExactMatch(Metric):
     def compute(self) -> torch.Tensor:
         """Matches / total (0 when nothing was counted)."""
         return self.correct.float() / self.total.clamp(min=1)
+
+
+class RougeL(ROUGEScore):
+    """ROUGE-L F1 (Lin, 2004) of generations against references, as one scalar.
+
+    torchmetrics' ``ROUGEScore`` returns a dict, which ``LightningModule.log`` cannot take as a
+    Metric object; this keeps its F-measure. No nltk: only the ``rougeL`` key is computed.
+
+    Example:
+        >>> m = RougeL()
+        >>> m.update(["the cat sat on mat"], ["the cat sat on the mat"])
+        >>> round(float(m.compute()), 4)
+        0.9091
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(rouge_keys=("rougeL",), **kwargs)
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
+        """Mean ROUGE-L F1 over the updates."""
+        return super().compute()["rougeL_fmeasure"]

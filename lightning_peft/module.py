@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lightning_peft.metrics import ExactMatch, normalize_whitespace
+from lightning_peft.metrics import ExactMatch, RougeL, normalize_whitespace
 from lightning_peft.tasks.data import IGNORE_INDEX
 
 Schedule = Literal["linear", "cosine", "constant"]
@@ -132,8 +132,10 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         path = zoo.resolve(hp.model)
         kwargs = dict(hp.model_kwargs or {})
-        if hp.torch_dtype is not None:
-            kwargs["dtype"] = hp.torch_dtype if hp.torch_dtype == "auto" else getattr(torch, hp.torch_dtype)
+        # None is float32, as documented: transformers 5 would otherwise load a bf16 folder in bf16
+        # ("auto"), so a `32-true` or `bf16-mixed` run would silently train on bf16 weights.
+        dtype = hp.torch_dtype or "float32"
+        kwargs.setdefault("dtype", dtype if dtype == "auto" else getattr(torch, dtype))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(hp.tokenizer) if hp.tokenizer else path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -152,6 +154,7 @@ class CausalLMModule(L.LightningModule):
                         "ppl": Perplexity(ignore_index=IGNORE_INDEX),
                         "token_acc": MulticlassAccuracy(num_classes=vocab, ignore_index=IGNORE_INDEX, average="micro"),
                         "exact_match": ExactMatch(),
+                        "rougeL": RougeL(),
                     }
                 )
                 for stage in ("val", "test")
@@ -223,14 +226,17 @@ class CausalLMModule(L.LightningModule):
         self.log(f"{stage}/token_acc", metrics["token_acc"], batch_size=n)
         if generate and "prompt_input_ids" in batch and "answers" in batch:
             texts = self.generate_completions(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-            extract = self._answer_extractor()
+            dm = self._datamodule()
+            extract = getattr(dm, "extract_answer", None) or normalize_whitespace
             metrics["exact_match"].update([extract(t) for t in texts], list(batch["answers"]))
             self.log(f"{stage}/exact_match", metrics["exact_match"], batch_size=n, prog_bar=stage == "val")
+            if "rougeL" in getattr(dm, "generation_metrics", ()):
+                metrics["rougeL"].update([normalize_whitespace(t) for t in texts], list(batch["answers"]))
+                self.log(f"{stage}/rougeL", metrics["rougeL"], batch_size=n)
 
-    def _answer_extractor(self):
+    def _datamodule(self) -> Any:
         trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return getattr(dm, "extract_answer", None) or normalize_whitespace
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     @torch.no_grad()
     def generate_completions(self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:

@@ -324,3 +324,30 @@ def test_forward_equals_merged_weight_for_stacked_shira_adapters() -> None:
     base = layer.get_base_layer()
     dense = base.weight + layer.get_delta_weight("default") + layer.get_delta_weight("two")
     torch.testing.assert_close(layer(x), F.linear(x, dense, base.bias))
+
+
+# ---------------------------------------------------------------------------- learning rate
+class _SGDPlainLM(WrappedPlainLM):
+    """Plain SGD under a halving LambdaLR: one step moves a value by exactly -lr_now * grad."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_lr_ratio_scales_the_values_step_and_keeps_the_schedule(tmp_path: Path) -> None:
+    moved = {}
+    for ratio in (1.0, 2.5):
+        module = _SGDPlainLM(seed=0)
+        callback = lp.SHiRA(density=0.05, mask="random", lr_ratio=ratio)
+        _trainer(tmp_path, [callback], max_steps=1).fit(module, token_loader())
+        opt, sched = module.trainer.optimizers[0], module.trainer.lr_scheduler_configs[0].scheduler
+        values = [g for g in opt.param_groups if any(p.ndim == 1 for p in g["params"])]
+        assert len(values) == 1 and values[0]["initial_lr"] == pytest.approx(0.1 * ratio)
+        assert values[0]["lr"] == pytest.approx(0.1 * ratio * 0.5)  # the user's schedule (x0.5 after a step) applies
+        assert sched.base_lrs == [g.get("initial_lr") for g in opt.param_groups]
+        moved[ratio] = torch.cat([p.detach() for p in values[0]["params"]])
+    # one SGD step from zero values moves each by -lr * ratio * grad, with the same grads for both ratios
+    assert moved[1.0].abs().sum() > 0
+    torch.testing.assert_close(moved[2.5], 2.5 * moved[1.0])

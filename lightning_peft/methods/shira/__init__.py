@@ -37,6 +37,7 @@ from lightning_peft.kernels import SparseIndex
 from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
 from lightning_peft.methods.shira.mask import build_mask, layer_nnz
+from lightning_peft.optim import split_param_groups
 from lightning_peft.peft_compat import check_shira_layers
 from lightning_peft.registry import register_method
 
@@ -92,6 +93,8 @@ class SHiRA(AdapterCallback):
         exclude_modules: Modules to leave alone (same syntax as ``target_modules``).
         adapter_name: Name of the adapter; stacked adapters need distinct names.
         use_triton: Sparse-kernel dispatch (``None``: Triton on CUDA, reference on CPU).
+        lr_ratio: The values' lr as a multiple of the optimizer's (default 2.5, the paper's
+            5e-4 : 2e-4 against LoRA; ``1.0`` keeps the optimizer's), see :class:`SHiRAConfig`.
 
     Raises:
         ValueError: invalid config values (see :class:`SHiRAConfig`), or targets that are not
@@ -111,12 +114,13 @@ class SHiRA(AdapterCallback):
         exclude_modules: str | list[str] | None = None,
         adapter_name: str = "default",
         use_triton: bool | None = None,
+        lr_ratio: float = 2.5,
     ) -> None:
         super().__init__(
             SHiRAConfig(
                 target_modules=target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name,
                 density=density, mask=mask, r=r, calibration_batches=calibration_batches, seed=seed,
-                use_triton=use_triton,
+                use_triton=use_triton, lr_ratio=lr_ratio,
             )
         )
         self._module: nn.Module | None = None
@@ -183,6 +187,15 @@ class SHiRA(AdapterCallback):
         cfg.mask_type = c.mask_name  # saved, so readers see which mask built the adapter
         cfg.mask_fn = _MaskLookup(masks)
         return cfg
+
+    # ------------------------------------------------------------------ learning rate
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before Lightning restores a resumed optimizer's state: it finds the same groups
+        ratio = self.config.lr_ratio
+        if ratio != 1.0:
+            values = {id(layer.shira_weight[self.config.adapter_name]): "shira" for layer in self.layers(pl_module).values()}
+            split_param_groups(trainer, values, lambda part, base: base * ratio)
 
     # ------------------------------------------------------------------ calibration
     @override

@@ -36,6 +36,12 @@ class SHiRAConfig(AdapterConfig):
             handed to a callable mask); 0 skips calibration.
         seed: Seed of the random mask (per layer it is offset by a hash of the layer name).
         use_triton: Kernel dispatch of the sparse ops (None: Triton on CUDA, reference on CPU).
+        lr_ratio: The values train at ``lr_ratio`` x the optimizer's lr (its own param group,
+            schedule kept). Default 2.5: the paper trains SHiRA at 5e-4 where LoRA gets 2e-4
+            (section 5), and a sparse update moves ~1-2% of the entries, each by about the lr
+            under Adam, so it needs a larger step than LoRA's dense B A to change the layer as
+            much (measured: ``benchmarks/README.md``, "SHiRA's learning rate"). ``1.0`` keeps the
+            optimizer's lr.
     """
 
     density: float = 0.01
@@ -44,9 +50,15 @@ class SHiRAConfig(AdapterConfig):
     calibration_batches: int = 8
     seed: int = 0
     use_triton: bool | None = None
+    lr_ratio: float = 2.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.lr_ratio, bool) or not isinstance(self.lr_ratio, (int, float)) or not self.lr_ratio > 0:
+            raise ValueError(
+                f"SHiRA lr_ratio must be a number > 0 (the values' lr as a multiple of the optimizer's), got "
+                f"lr_ratio={self.lr_ratio!r}; use 2.5 (the paper's 5e-4 : 2e-4) or 1.0 to keep the optimizer's lr"
+            )
         check_density(self.density, "SHiRA", hint="the paper uses 0.01-0.02")
         if not callable(self.mask) and self.mask not in MASK_KINDS:
             raise ValueError(
