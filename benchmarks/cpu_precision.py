@@ -4,13 +4,14 @@ On the code path users run (``CausalLMModule`` + an adapter callback + ``lightni
 
 1. ``speed``: tokens/s of a training step (forward, backward, AdamW) in ``32-true``, ``bf16-mixed``
    (CPU autocast) and ``bf16-true`` for LoRA (r=8), SHiRA (r=8, random mask) and RoSA (r=4, 1.15%,
-   warm-up 2), on the real SmolLM2-135M and on the zoo's ``llama-v1``; the precisions of one
-   method alternate step by step in one process (the same load on the machine for each).
+   warm-up 2), batch 8, on the real SmolLM2-135M and on the zoo's ``llama-v1``; the precisions of
+   one method alternate run by run, twice (the same load on the machine for each); steps 5-12 of
+   each run are timed (masks are built before).
 2. ``quality``: the final validation loss after ``--steps`` steps of LoRA and SHiRA on ``sarcasm``
    (SmolLM2) and ``data2text`` (zoo) over 3 seeds per precision: a precision "trains as well as
    fp32" when its mean is within the seed spread (std) of fp32's.
 
-    python benchmarks/cpu_precision.py [--phase speed|quality|both] [--steps 60] [--seeds 0,1,2]
+    python benchmarks/cpu_precision.py [--phase speed|quality|both] [--steps 40] [--seeds 0,1,2]
 
 Writes ``benchmarks/results/cpu_precision.json`` and rows of ``results.csv`` (``cpu_precision``).
 """
@@ -67,7 +68,7 @@ def fit(model: str, method: str, precision: str, steps: int, seed: int, val: boo
     """One ``trainer.fit``; returns the validation loss (if ``val``) and the step clock's totals."""
     task, lr = MODELS[model]
     L.seed_everything(seed, workers=True)
-    dm = get_task(task, tokenizer=model, batch_size=16, num_val=200 if val else 0, num_test=0, shuffle_seed=seed)
+    dm = get_task(task, tokenizer=model, batch_size=8, num_val=200 if val else 0, num_test=0, shuffle_seed=seed)
     module = CausalLMModule(model, lr=lr, warmup_steps=min(10, steps // 5), generate_on_val=False)
     callbacks: list[L.Callback] = [METHODS[method]()] + ([clock] if clock else [])
     trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=steps, logger=False, callbacks=callbacks,
@@ -83,10 +84,10 @@ def speed(models: list[str], steps: int) -> list[dict[str, Any]]:
     results = []
     for model in models:
         for method in METHODS:
-            clocks = {p: StepClock(skip=2) for p in PRECISIONS}
-            for _ in range(2):  # alternate the precisions twice: both see the same machine load
+            clocks = {p: StepClock(skip=4) for p in PRECISIONS}
+            for _ in range(2):  # alternate the precisions twice: all see the same machine load
                 for p in PRECISIONS:
-                    fit(model, method, p, steps // 2 + 2, seed=0, val=False, clock=clocks[p])
+                    fit(model, method, p, steps // 2 + 4, seed=0, val=False, clock=clocks[p])
             for p, c in clocks.items():
                 tps = sum(c.tokens) / sum(c.times)
                 results.append({"phase": "speed", "model": model, "method": method, "precision": p,
@@ -107,11 +108,32 @@ def quality(models: list[str], steps: int, seeds: list[int]) -> list[dict[str, A
     return results
 
 
+def choose(results: list[dict[str, Any]]) -> dict[str, str]:
+    """Per model, the fastest precision that trains as well as ``32-true``.
+
+    "Trains as well": for every method of the quality phase, its mean validation loss is within the
+    seed spread of fp32's (``|mean - mean_fp32| <= max(std, std_fp32)``). "Fastest": the highest
+    geometric mean over methods of its tokens/s relative to fp32's. fp32 itself always qualifies.
+    """
+    out = {}
+    for model in sorted({r["model"] for r in results}):
+        speed = {(r["method"], r["precision"]): r["tokens_per_s"] for r in results
+                 if r["phase"] == "speed" and r["model"] == model}
+        quality = {(r["method"], r["precision"]): r for r in results if r["phase"] == "quality" and r["model"] == model}
+        ok = [p for p in PRECISIONS if all(
+            abs(q["mean"] - quality[m, "32-true"]["mean"]) <= max(q["std"], quality[m, "32-true"]["std"])
+            for (m, prec), q in quality.items() if prec == p)]
+        methods = sorted({m for m, _ in speed})
+        rel = {p: statistics.geometric_mean(speed[m, p] / speed[m, "32-true"] for m in methods) for p in PRECISIONS}
+        out[model] = max(ok, key=rel.__getitem__)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=("speed", "quality", "both"), default="both")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args()

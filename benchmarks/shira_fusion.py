@@ -69,7 +69,7 @@ def train_all(seeds: list[int], steps: int, root: Path) -> dict[str, dict[str, d
             continue
         # the experiment file sets SHiRA's keys under `method`: drop them when switching to LoRA
         drop = ["~method.density", "~method.mask", "~method.calibration_batches"]
-        extra = ["method=lora", *drop, f"method.r={rank}", f"method.alpha={2 * rank}", "module.lr=2e-3"] if method == "lora" else []
+        extra = ["method=lora", *drop, f"method.r={rank}", f"method.alpha={2 * rank}"] if method == "lora" else []
         cfg = _cfg([f"task={task}", f"seed={seed}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                     "test_after_fit=false", "logger=none", f"run_dir={run_dir}", *extra])
         run(cfg)

@@ -74,6 +74,12 @@ class RougeL(ROUGEScore):
     def __init__(self, **kwargs) -> None:
         super().__init__(rouge_keys=("rougeL",), **kwargs)
 
+    def __hash__(self) -> int:
+        # ROUGEScore hashes its (empty) states without its id, so two fresh instances collide and
+        # nn.Module.named_modules() skips the second one (torchmetrics 1.9): Lightning then cannot
+        # find `metrics.test.rougeL` to log it. A module's hash must be unique (Metric.__hash__ says so).
+        return id(self)
+
     def compute(self) -> torch.Tensor:  # type: ignore[override]
         """Mean ROUGE-L F1 over the updates."""
         return super().compute()["rougeL_fmeasure"]

@@ -135,7 +135,8 @@ class CausalLMModule(L.LightningModule):
         # None is float32, as documented: transformers 5 would otherwise load a bf16 folder in bf16
         # ("auto"), so a `32-true` or `bf16-mixed` run would silently train on bf16 weights.
         dtype = hp.torch_dtype or "float32"
-        kwargs.setdefault("dtype", dtype if dtype == "auto" else getattr(torch, dtype))
+        if "torch_dtype" not in kwargs:  # transformers' older name for it, given through model_kwargs
+            kwargs.setdefault("dtype", dtype if dtype == "auto" else getattr(torch, dtype))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(hp.tokenizer) if hp.tokenizer else path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

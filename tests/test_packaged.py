@@ -208,3 +208,21 @@ def test_real_evals_tasks_have_the_documented_sizes(real_registry: None) -> None
     assert {s: len(v) for s, v in ner.items()} == {"train": 777, "val": 64, "test": 300}
     sarcasm = SarcasmTask("smollm2-135m").get_examples()
     assert sum(e.answer == "0" for e in sarcasm["test"]) / 2000 == pytest.approx(0.524, abs=0.03)
+
+
+def test_rougel_metrics_of_every_stage_are_distinct_modules() -> None:
+    """torchmetrics' ROUGEScore hashes without its id: two instances collided in named_modules()."""
+    stages = torch.nn.ModuleDict({s: torch.nn.ModuleDict({"rougeL": RougeL()}) for s in ("val", "test")})
+    assert [n for n, _ in stages.named_modules()] == ["", "val", "val.rougeL", "test", "test.rougeL"]
+
+
+def test_causal_lm_module_trains_a_bf16_folder_in_float32_unless_told(tiny_gguf) -> None:
+    """transformers 5 would load the bf16 folder in bf16; `torch_dtype=None` means float32, as documented."""
+    from lightning_peft.module import CausalLMModule
+
+    _, spec = tiny_gguf
+    zoo.resolve(spec.name)  # fetched in the default bfloat16
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16), ("auto", torch.bfloat16)):
+        module = CausalLMModule(spec.name, torch_dtype=dtype)
+        module.configure_model()
+        assert module.model.dtype == expected, dtype
