@@ -25,11 +25,11 @@ from lightning_peft.config import AdapterConfig
 from lightning_peft.methods.lora import LoRA, LoRAConfig
 from lightning_peft.methods.rosa import RoSA, RoSAConfig, RosaConfig
 from lightning_peft.methods.shira import SHiRA, SHiRAConfig
-from lightning_peft.methods.trans_peft import TransPEFT, TransPEFTConfig
 from lightning_peft.peft_compat import check_peft
 from lightning_peft.plugins import AdapterCheckpointIO, AdapterDDPStrategy, AdapterFSDPStrategy
 from lightning_peft.registry import available_methods, create_method, get_method, register_method
 from lightning_peft.targeting import NoTargetModulesError, find_target_modules
+from lightning_peft.trans_peft import TransPEFT, TransPEFTConfig
 from lightning_peft.upgrade import UpgradeRecord
 
 check_peft()  # RoSA's peft type and SHiRA's layer hook still resolve to our classes (fails naming the versions)
