@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_peft._deprecated import deprecated_names
 from lightning_peft.callback import AdapterCallback
+from lightning_peft.deltas import LowRankTerm, lora_scale, sparse_term
 from lightning_peft.methods._sparse import random_mask, topk_mask
 from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, MaskCriterion, RoSAConfig, RosaPeftConfig
 from lightning_peft.methods.rosa.layer import RosaLayer
@@ -51,8 +52,6 @@ register()  # peft learns the "ROSA" type: PeftModel.from_pretrained can load Ro
 def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
     """AdapterBank's view of a RoSA layer: the sparse ``S`` (once its mask exists) and the LoRA ``s B A``, both in
     the base weight's own layout (``(in, out)`` for ``Conv1D``)."""
-    from lightning_peft.bank import LowRankTerm
-
     if adapter not in layer.rosa_values:
         return []
     terms: list[Any] = []
@@ -69,15 +68,11 @@ def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
 def _sparse_in_weight_layout(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                              transposed: bool, path: str) -> Any:
     """RoSA's ``(out, in)`` positions as a term on the stored weight (``shape``; ``(in, out)`` if ``transposed``)."""
-    from lightning_peft.bank import sparse_term
-
     return sparse_term(torch.stack([col, row] if transposed else [row, col]), values, shape, path)
 
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
     """AdapterBank's view of one weight in a RoSA folder (``rosa_values/row/col``, ``rosa_A/B``)."""
-    from lightning_peft.bank import LowRankTerm, lora_scale
-
     terms: list[Any] = []
     row, col = parts["rosa_row"], parts["rosa_col"]
     if row.numel() and int(row[0]) >= 0:  # -1: the mask was never built
@@ -87,7 +82,11 @@ def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], pat
     return terms
 
 
-@register_method("rosa", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas, bank_tensors=bank_tensors)
+_CHECKPOINT_CODEC = {"encode_checkpoint": RosaLayer.encode_index_state, "decode_checkpoint": RosaLayer.decode_index_state}
+
+
+@register_method("rosa", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas, bank_tensors=bank_tensors,
+                 **_CHECKPOINT_CODEC)
 class RoSA(AdapterCallback):
     """Add RoSA adapters (``Delta W = s B A + S``) to any LightningModule.
 
@@ -365,7 +364,7 @@ class RoSA(AdapterCallback):
 
 
 @register_method("rosa_sparse", peft_type="ROSA", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas,
-                 bank_tensors=bank_tensors)
+                 bank_tensors=bank_tensors, **_CHECKPOINT_CODEC)
 class SparseRoSA(RoSA):
     """Sparse-only RoSA (``r = 0``), the paper's "SpA" baseline; registered as ``rosa_sparse``.
 
