@@ -12,6 +12,7 @@ and ``adapter_fsdp``: ``L.Trainer(strategy="adapter_ddp", devices=4, callbacks=[
 
 from lightning_peft import methods, transfer  # noqa: F401  (registers the methods; lp.transfer: Trans-LoRA)
 from lightning_peft._deprecated import deprecated_names
+from lightning_peft.adapter_folder import AdapterFolder, AdapterRecord
 from lightning_peft.adapter_io import (
     AdapterFormatError,
     BaseModelMismatchWarning,
@@ -45,7 +46,9 @@ __all__ = [
     "AdapterConfig",
     "AdapterDDPStrategy",
     "AdapterFSDPStrategy",
+    "AdapterFolder",
     "AdapterFormatError",
+    "AdapterRecord",
     "BaseModelMismatchWarning",
     "DriftAnalysis",
     "LoRA",

@@ -1,11 +1,10 @@
-"""Adapter folders in peft's own format, with the base model they were trained on.
+"""Save and load adapters in peft's own format, with the base model they were trained on.
 
 ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as
 ``PeftModel.save_pretrained`` does (keys ``base_model.model.<module path>.<tensor>``), so
-plain ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The safetensors header
-also records the base model's fingerprint: name or path, a hash of its config and a hash of
-its weights (per tensor, from a fixed sample of each tensor rounded to bf16, so the same base
-loaded in fp32 or bf16, on CPU or GPU, has the same fingerprint).
+plain ``peft.PeftModel.from_pretrained(base_model, path)`` loads it; the folder itself (and what
+else it may hold: the upgrade record, the discriminator) is :class:`~lightning_peft.adapter_folder.AdapterFolder`'s.
+The safetensors header also records the base model's fingerprint (:mod:`lightning_peft.fingerprint`).
 
 ``load_adapter`` compares that fingerprint with the model it loads onto. A different base
 with the same shapes (an updated release: v1 -> v2) loads with a
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,13 @@ from typing import Any
 import torch
 from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_peft.atomic import atomic_directory
+from lightning_peft.adapter_folder import AdapterFolder, AdapterFormatError, AdapterRecord
 from lightning_peft.callback import activate_all_adapters, adapter_names
 from lightning_peft.checkpointing import adapter_key_prefixes, install_adapter_only_state_dict
-from lightning_peft.fingerprint import (  # noqa: F401  (BaseModelMismatchWarning: part of this module's API)
+from lightning_peft.fingerprint import (
     BaseModelMismatchWarning,
     base_fingerprint,
     describe_base_difference,
@@ -41,14 +38,8 @@ from lightning_peft.fingerprint import (  # noqa: F401  (BaseModelMismatchWarnin
 )
 from lightning_peft.registry import spec_for_peft_type
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-METADATA_KEY = "lightning_peft"
-PEFT_PREFIX = "base_model.model."
-
-
-class AdapterFormatError(ValueError):
-    """An adapter folder is missing, incomplete, corrupted or made for other shapes."""
+__all__ = ["AdapterFormatError", "BaseModelMismatchWarning", "base_fingerprint", "load_adapter", "read_adapter",
+           "save_adapter"]
 
 
 # --------------------------------------------------------------------------- locating the adapter
@@ -84,8 +75,8 @@ def _relative(name: str, prefix: str) -> str:
 
 
 # --------------------------------------------------------------------------- save
-def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None, *,
-                 metadata: dict[str, Any] | None = None) -> Path:
+def save_adapter(module: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, *,
+                 metadata: dict[str, Any] | None = None, record: AdapterRecord | None = None) -> Path:
     """Write one adapter of ``module`` as a peft adapter folder, atomically.
 
     Args:
@@ -93,26 +84,23 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
         path: Target folder; replaced only once the new folder is complete.
         adapter_name: Which adapter; optional when the module holds one.
         metadata: JSON-serialisable facts stored with the weights (in the safetensors header,
-            read back by :func:`read_adapter`), e.g. the training set size.
-
-    When ``module`` carries an upgrade record (:class:`~lightning_peft.UpgradeRecord`,
-    ``TransLoRADiscriminator``), the folder also gets ``upgrade.json`` (task, seed inputs,
-    training-set size) and a copy of the discriminator in ``discriminator/``
-    (:mod:`lightning_peft.upgrade.record`); plain peft ignores both.
+            read back by :func:`read_adapter`), e.g. an upgrade's route.
+        record: What a later base upgrade needs (:class:`~lightning_peft.adapter_folder.AdapterRecord`:
+            task, seed inputs, training-set size, the discriminator), e.g. ``UpgradeRecord(...).record``
+            after ``fit``; written as ``upgrade.json`` and ``discriminator/``, which plain peft ignores.
 
     Returns:
         The folder path.
 
     Raises:
         ValueError: no adapter, or several and ``adapter_name`` not given.
+        FileNotFoundError: ``record`` names a discriminator folder that holds no adapter.
     """
-    from lightning_peft.upgrade.record import DISCRIMINATOR_DIR, RECORD_ATTR, RECORD_FILE, write_record
-
     owner_prefix, owner, name = _adapter_owner(module, adapter_name)
     base_prefix, base = find_base_model(module)
     config = copy.deepcopy(owner.peft_config[name])
     tensors = {
-        PEFT_PREFIX + _relative(_join(owner_prefix, k), base_prefix): v.detach().to("cpu").contiguous()
+        AdapterFolder.tensor_key(_relative(_join(owner_prefix, k), base_prefix)): v.detach().to("cpu").contiguous()
         for k, v in get_peft_model_state_dict(owner, adapter_name=name).items()
     }
     # the layers that really carry this adapter, relative to the base model (peft suffix-matches them)
@@ -124,45 +112,18 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
     config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
     config.inference_mode = True
     meta = {**(metadata or {}), "adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
-    record = getattr(module, RECORD_ATTR, None)
-    ours = {CONFIG_FILE, WEIGHTS_FILE, "README.md", RECORD_FILE, DISCRIMINATOR_DIR}
-    with atomic_directory(path, replaceable=ours) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-        if record:
-            write_record(tmp, record)
+    AdapterFolder.write(path, config, tensors, meta, record)
     return Path(path)
 
 
 # --------------------------------------------------------------------------- load
-def read_adapter(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_adapter(path: str | os.PathLike[str]) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read an adapter folder: (peft config, tensors with peft keys, lightning_peft metadata or {}).
 
     Raises:
         AdapterFormatError: folder or files missing, JSON or safetensors corrupted.
     """
-    path = Path(path)
-    fix = "point to a folder written by lightning_peft.save_adapter or PeftModel.save_pretrained"
-    if not path.is_dir():
-        raise AdapterFormatError(f"adapter folder {str(path)!r} does not exist; {fix}")
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / f).is_file():
-            pickled = f == WEIGHTS_FILE and (path / "adapter_model.bin").is_file()
-            extra = " (its pickled adapter_model.bin is not read: re-save it as safetensors)" if pickled else ""
-            raise AdapterFormatError(f"adapter folder {str(path)!r} has no {f}{extra}; {fix}")
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-        config = PeftConfig.from_peft_type(**raw)
-    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-        raise AdapterFormatError(f"{path / CONFIG_FILE} is corrupted or not a peft config ({exc}); re-save the adapter") from exc
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{path / WEIGHTS_FILE} is corrupted ({exc}); re-save the adapter") from exc
-    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
-    return config, tensors, meta
+    return AdapterFolder(path).read()
 
 
 def _remove_adapter(model: nn.Module, name: str) -> None:
@@ -182,7 +143,7 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def load_adapter(
-    module: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    module: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
     """Inject a saved adapter (ours or any peft adapter folder) into a model or LightningModule.
 
@@ -217,7 +178,7 @@ def load_adapter(
             inject_adapter_in_model(config, base, adapter_name=adapter_name, low_cpu_mem_usage=True)
     except ValueError as exc:
         raise AdapterFormatError(f"adapter at {str(path)!r} does not fit this model: {exc}") from exc
-    expected = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
+    expected = {AdapterFolder.tensor_key(k): v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
     problems += [f"{k}: not in this model" for k in tensors if k not in expected]
     problems += [f"{k}: in this model but not in the file" for k in expected if k not in tensors]
@@ -231,7 +192,8 @@ def load_adapter(
             f"({meta.get('base', {}).get('name_or_path') or config.base_model_name_or_path or 'unknown'}) "
             "or one of the same architecture and size."
         )
-    set_peft_model_state_dict(base, {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}, adapter_name, low_cpu_mem_usage=True)
+    state = {AdapterFolder.module_key(k): v for k, v in tensors.items()}
+    set_peft_model_state_dict(base, state, adapter_name, low_cpu_mem_usage=True)
     activate_all_adapters(base)
     for n, p in base.named_parameters():
         named = f".{adapter_name}." in n or n.endswith(f".{adapter_name}")  # lora_A.default.weight, shira_weight.default

@@ -49,7 +49,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lightning_peft.adapter_io import PEFT_PREFIX, read_adapter
+from lightning_peft.adapter_folder import AdapterFolder
 from lightning_peft.deltas import DeltaTerm, LowRankTerm, MergeStack, SparseTerm, lora_scale, sparse_term
 from lightning_peft.fingerprint import find_base_model
 from lightning_peft.registry import method_specs, spec_for_layer, spec_for_peft_type
@@ -226,14 +226,14 @@ class AdapterBank:
 # ---------------------------------------------------------------------- readers
 def _from_folder(path: Path, shape_of: Any) -> tuple[list[tuple[str, DeltaTerm]], str]:
     """The folder's terms per weight path, read by its method's ``bank_tensors``."""
-    config, tensors, _ = read_adapter(path)
+    config, tensors, _ = AdapterFolder(path).read()
     spec = spec_for_peft_type(config.peft_type)
     if spec is None or spec.bank_tensors is None:
         switchable = [s.peft_type for s in method_specs() if s.bank_tensors]
         raise ValueError(f"AdapterBank holds adapters of {switchable}; {path} is a {config.peft_type} adapter")
     by_path: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        rel = key[len(PEFT_PREFIX):]
+        rel = AdapterFolder.module_key(key)
         cut = rel.find("." + spec.prefix)
         if cut > 0:
             by_path.setdefault(rel[:cut], {})[rel[cut + 1 :]] = tensor

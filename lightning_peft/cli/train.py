@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_peft as lp
+from lightning_peft.adapter_folder import AdapterRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        adapter = lp.save_adapter(module, run_dir / "adapter") if cfg.save_adapter and trainer.is_global_zero else None
+        adapter = None
+        if cfg.save_adapter and trainer.is_global_zero:  # with what UpgradeRecord / TransLoRADiscriminator recorded
+            adapter = lp.save_adapter(module, run_dir / "adapter", record=AdapterRecord.from_callbacks(callbacks))
         if cfg.test_after_fit:
             tests = trainer.test(module, datamodule=datamodule, verbose=False)  # [] when the task has no test split
             metrics.update({k: float(v) for k, v in (tests[0] if tests else {}).items()})

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_peft as lp
-from lightning_peft.transfer import TransferConfig, synthesize, train_student
+from lightning_peft.transfer import StudentConfig, TransferConfig, synthesize, train_student
 
 # Keys of a task config that the transfer sets itself (tokenizer: the target's; the shuffling seed: its own).
 _TASK_KEYS_SET_HERE = ("_target_", "tokenizer", "shuffle_seed")
@@ -39,14 +39,13 @@ def run(cfg: DictConfig, task_name: str) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     logger_cfg = cfg.get("logger")
     logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
-    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
+    student = StudentConfig.from_dict(OmegaConf.to_container(cfg.student, resolve=True))
     try:
         syn = synthesize(tcfg)
-        trainer_kwargs = {**student_cfg["trainer_kwargs"], "logger": logger, "default_root_dir": str(run_dir)}
-        module, metrics = train_student(tcfg, syn, student_cfg["method"], student_cfg["method_kwargs"],
-                                        student_cfg["module_kwargs"], trainer_kwargs, student_cfg["data_kwargs"])
+        student = student.with_trainer_kwargs(logger=logger, default_root_dir=str(run_dir))
+        module, metrics = train_student(tcfg, syn, student)
         results = {"source_model": tcfg.source_model, "target_model": tcfg.target_model, "task": tcfg.task,
-                   "method": student_cfg["method"], "kl_weight": tcfg.kl_weight, "synthetic": len(syn.accepted),
+                   "method": student.method, "kl_weight": tcfg.kl_weight, "synthetic": len(syn.accepted),
                    "stats": syn.header.get("stats"), "metrics": metrics,
                    "adapter": str(lp.save_adapter(module, run_dir / "adapter")), "cache": tcfg.cache}
         if logger:
