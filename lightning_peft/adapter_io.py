@@ -1,11 +1,10 @@
-"""Adapter folders in peft's own format, with the base model they were trained on.
+"""Save and load adapters in peft's own format, with the base model they were trained on.
 
 ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as
 ``PeftModel.save_pretrained`` does (keys ``base_model.model.<module path>.<tensor>``), so
-plain ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The safetensors header
-also records the base model's fingerprint: name or path, a hash of its config and a hash of
-its weights (per tensor, from a fixed sample of each tensor rounded to bf16, so the same base
-loaded in fp32 or bf16, on CPU or GPU, has the same fingerprint).
+plain ``peft.PeftModel.from_pretrained(base_model, path)`` loads it; the folder itself (and what
+else it may hold: the upgrade record, the discriminator) is :class:`~lightning_peft.adapter_folder.AdapterFolder`'s.
+The safetensors header also records the base model's fingerprint (:mod:`lightning_peft.fingerprint`).
 
 ``load_adapter`` compares that fingerprint with the model it loads onto. A different base
 with the same shapes (an updated release: v1 -> v2) loads with a
@@ -17,61 +16,33 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_peft.atomic import atomic_directory
+from lightning_peft.adapter_folder import AdapterFolder, AdapterFormatError, AdapterRecord
 from lightning_peft.callback import activate_all_adapters, adapter_names
 from lightning_peft.checkpointing import adapter_key_prefixes, install_adapter_only_state_dict
+from lightning_peft.fingerprint import (
+    BaseModelMismatchWarning,
+    base_fingerprint,
+    describe_base_difference,
+    find_base_model,
+)
 from lightning_peft.registry import spec_for_peft_type
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-METADATA_KEY = "lightning_peft"
-PEFT_PREFIX = "base_model.model."
-_SAMPLE = 4096  # elements hashed per tensor: cheap for 7B models, yet any real update shows
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+__all__ = ["AdapterFormatError", "BaseModelMismatchWarning", "base_fingerprint", "load_adapter", "read_adapter",
+           "save_adapter"]
 
 
-class BaseModelMismatchWarning(UserWarning):
-    """An adapter is loaded onto a base model other than the one it was trained on."""
-
-
-class AdapterFormatError(ValueError):
-    """An adapter folder is missing, incomplete, corrupted or made for other shapes."""
-
-
-# --------------------------------------------------------------------------- locating modules
-def find_base_model(module: nn.Module) -> tuple[str, nn.Module]:
-    """Return ``(prefix, model)``: the model a user would hand to ``PeftModel.from_pretrained``.
-
-    The shallowest ``transformers.PreTrainedModel`` inside ``module``; for a plain
-    ``nn.Module`` inside a LightningModule, the single child that holds every adapter;
-    otherwise ``module`` itself (prefix ``""``).
-    """
-    for name, sub in module.named_modules():  # pre-order: shallowest first
-        if isinstance(sub, PreTrainedModel):
-            return name, sub
-    if isinstance(module, L.LightningModule):
-        tops = {n.split(".")[0] for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
-        if len(tops) == 1:
-            top = tops.pop()
-            return top, module.get_submodule(top)
-    return "", module
-
-
+# --------------------------------------------------------------------------- locating the adapter
 def _adapter_owner(module: nn.Module, adapter_name: str | None) -> tuple[str, nn.Module, str]:
     """Shallowest submodule carrying ``peft_config`` with the adapter; returns (prefix, owner, name)."""
     owners = [(n, m) for n, m in module.named_modules() if getattr(m, "peft_config", None)]
@@ -103,66 +74,9 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :]
 
 
-# --------------------------------------------------------------------------- fingerprints
-def _tensor_hash(t: torch.Tensor) -> str:
-    flat = t.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
-    data = sample.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-    return hashlib.sha256(repr(tuple(t.shape)).encode() + data).hexdigest()[:16]
-
-
-def _config_dict(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        return {}
-    kept = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as stored: int dict keys become str
-
-
-def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Fingerprint of a base model's identity: name, config hash and weight hashes.
-
-    Adapter tensors are left out and peft's ``.base_layer`` is removed from names, so the
-    fingerprint of a model is the same before and after an adapter is injected.
-    """
-    skip = adapter_key_prefixes(model)
-    tensors = {
-        n.replace(".base_layer.", "."): _tensor_hash(p)
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if not n.startswith(skip)
-    }
-    config = _config_dict(model)
-    return {
-        "name_or_path": str(getattr(model, "name_or_path", "") or ""),
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-        "config": config,
-        "weights_sha256": hashlib.sha256("".join(f"{k}:{v}" for k, v in sorted(tensors.items())).encode()).hexdigest(),
-        "tensors": tensors,
-    }
-
-
-def describe_base_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Human-readable difference between two fingerprints; ``None`` when they are the same base."""
-    if saved.get("weights_sha256") == current["weights_sha256"] and saved.get("config_sha256") == current["config_sha256"]:
-        return None
-    parts = []
-    if saved.get("config_sha256") != current["config_sha256"]:
-        old, new = saved.get("config", {}), current["config"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        parts.append("config differs in " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:8]))
-    old_t, new_t = saved.get("tensors", {}), current["tensors"]
-    changed = [k for k in new_t if k in old_t and old_t[k] != new_t[k]]
-    if changed:
-        parts.append(f"{len(changed)} of {len(new_t)} weight tensors differ (e.g. {', '.join(changed[:3])})")
-    missing = sorted(set(old_t) ^ set(new_t))
-    if missing:
-        parts.append(f"{len(missing)} tensors exist in only one of them (e.g. {', '.join(missing[:3])})")
-    return "; ".join(parts) or "weights differ"
-
-
 # --------------------------------------------------------------------------- save
-def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None, *,
-                 metadata: dict[str, Any] | None = None) -> Path:
+def save_adapter(module: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, *,
+                 metadata: dict[str, Any] | None = None, record: AdapterRecord | None = None) -> Path:
     """Write one adapter of ``module`` as a peft adapter folder, atomically.
 
     Args:
@@ -170,26 +84,23 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
         path: Target folder; replaced only once the new folder is complete.
         adapter_name: Which adapter; optional when the module holds one.
         metadata: JSON-serialisable facts stored with the weights (in the safetensors header,
-            read back by :func:`read_adapter`), e.g. the training set size.
-
-    When ``module`` carries an upgrade record (:class:`~lightning_peft.UpgradeRecord`,
-    ``TransLoRADiscriminator``), the folder also gets ``upgrade.json`` (task, seed inputs,
-    training-set size) and a copy of the discriminator in ``discriminator/``
-    (:mod:`lightning_peft.upgrade.record`); plain peft ignores both.
+            read back by :func:`read_adapter`), e.g. an upgrade's route.
+        record: What a later base upgrade needs (:class:`~lightning_peft.adapter_folder.AdapterRecord`:
+            task, seed inputs, training-set size, the discriminator), e.g. ``UpgradeRecord(...).record``
+            after ``fit``; written as ``upgrade.json`` and ``discriminator/``, which plain peft ignores.
 
     Returns:
         The folder path.
 
     Raises:
         ValueError: no adapter, or several and ``adapter_name`` not given.
+        FileNotFoundError: ``record`` names a discriminator folder that holds no adapter.
     """
-    from lightning_peft.upgrade.record import DISCRIMINATOR_DIR, RECORD_ATTR, RECORD_FILE, write_record
-
     owner_prefix, owner, name = _adapter_owner(module, adapter_name)
     base_prefix, base = find_base_model(module)
     config = copy.deepcopy(owner.peft_config[name])
     tensors = {
-        PEFT_PREFIX + _relative(_join(owner_prefix, k), base_prefix): v.detach().to("cpu").contiguous()
+        AdapterFolder.tensor_key(_relative(_join(owner_prefix, k), base_prefix)): v.detach().to("cpu").contiguous()
         for k, v in get_peft_model_state_dict(owner, adapter_name=name).items()
     }
     # the layers that really carry this adapter, relative to the base model (peft suffix-matches them)
@@ -201,45 +112,18 @@ def save_adapter(module: nn.Module, path: str | Path, adapter_name: str | None =
     config.base_model_name_or_path = str(getattr(base, "name_or_path", "") or config.base_model_name_or_path or "")
     config.inference_mode = True
     meta = {**(metadata or {}), "adapter_name": name, "base_module": base_prefix, "base": base_fingerprint(base)}
-    record = getattr(module, RECORD_ATTR, None)
-    ours = {CONFIG_FILE, WEIGHTS_FILE, "README.md", RECORD_FILE, DISCRIMINATOR_DIR}
-    with atomic_directory(path, replaceable=ours) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-        if record:
-            write_record(tmp, record)
+    AdapterFolder.write(path, config, tensors, meta, record)
     return Path(path)
 
 
 # --------------------------------------------------------------------------- load
-def read_adapter(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_adapter(path: str | os.PathLike[str]) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read an adapter folder: (peft config, tensors with peft keys, lightning_peft metadata or {}).
 
     Raises:
         AdapterFormatError: folder or files missing, JSON or safetensors corrupted.
     """
-    path = Path(path)
-    fix = "point to a folder written by lightning_peft.save_adapter or PeftModel.save_pretrained"
-    if not path.is_dir():
-        raise AdapterFormatError(f"adapter folder {str(path)!r} does not exist; {fix}")
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / f).is_file():
-            pickled = f == WEIGHTS_FILE and (path / "adapter_model.bin").is_file()
-            extra = " (its pickled adapter_model.bin is not read: re-save it as safetensors)" if pickled else ""
-            raise AdapterFormatError(f"adapter folder {str(path)!r} has no {f}{extra}; {fix}")
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-        config = PeftConfig.from_peft_type(**raw)
-    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-        raise AdapterFormatError(f"{path / CONFIG_FILE} is corrupted or not a peft config ({exc}); re-save the adapter") from exc
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{path / WEIGHTS_FILE} is corrupted ({exc}); re-save the adapter") from exc
-    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
-    return config, tensors, meta
+    return AdapterFolder(path).read()
 
 
 def _remove_adapter(model: nn.Module, name: str) -> None:
@@ -259,7 +143,7 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def load_adapter(
-    module: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    module: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
     """Inject a saved adapter (ours or any peft adapter folder) into a model or LightningModule.
 
@@ -294,7 +178,7 @@ def load_adapter(
             inject_adapter_in_model(config, base, adapter_name=adapter_name, low_cpu_mem_usage=True)
     except ValueError as exc:
         raise AdapterFormatError(f"adapter at {str(path)!r} does not fit this model: {exc}") from exc
-    expected = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
+    expected = {AdapterFolder.tensor_key(k): v for k, v in get_peft_model_state_dict(base, adapter_name=adapter_name).items()}
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
     problems += [f"{k}: not in this model" for k in tensors if k not in expected]
     problems += [f"{k}: in this model but not in the file" for k in expected if k not in tensors]
@@ -308,7 +192,8 @@ def load_adapter(
             f"({meta.get('base', {}).get('name_or_path') or config.base_model_name_or_path or 'unknown'}) "
             "or one of the same architecture and size."
         )
-    set_peft_model_state_dict(base, {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}, adapter_name, low_cpu_mem_usage=True)
+    state = {AdapterFolder.module_key(k): v for k, v in tensors.items()}
+    set_peft_model_state_dict(base, state, adapter_name, low_cpu_mem_usage=True)
     activate_all_adapters(base)
     for n, p in base.named_parameters():
         named = f".{adapter_name}." in n or n.endswith(f".{adapter_name}")  # lora_A.default.weight, shira_weight.default

@@ -17,7 +17,10 @@ bit-exactly whatever was applied.
 
 RoSA adapters are applied as their two parts: the sparse ``S`` by scatter (exact undo), the
 low-rank ``s B A`` like a LoRA. Which layers a method builds and how to read their deltas comes
-from the method's :class:`~lightning_peft.registry.MethodSpec` (``bank_deltas``, ``bank_tensors``).
+from the method's :class:`~lightning_peft.registry.MethodSpec` (``bank_deltas``, ``bank_tensors``);
+the deltas are terms of :mod:`lightning_peft.deltas` (``apply``/``restore``/``dense``/``to``), applied and
+undone through the same :class:`~lightning_peft.deltas.MergeStack` the sparse layers merge with, so the
+bank never asks which kind of term it holds.
 
 LoRA adapters are accepted for comparison with peft's merge semantics: ``W += scale * B @ A``
 (a dense ``(out, in)`` GEMM and add over every weight element). Undo is ``lora_restore="copy"``
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,33 +49,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lightning_peft.adapter_io import PEFT_PREFIX, find_base_model, read_adapter
-from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore
+from lightning_peft.adapter_folder import AdapterFolder
+from lightning_peft.deltas import DeltaTerm, LowRankTerm, MergeStack, SparseTerm, lora_scale, sparse_term
+from lightning_peft.fingerprint import find_base_model
 from lightning_peft.registry import method_specs, spec_for_layer, spec_for_peft_type
 
 __all__ = ["AdapterBank", "LowRankTerm", "SparseTerm", "lora_scale", "sparse_term"]
-
-
-@dataclass(frozen=True)
-class SparseTerm:
-    """A sparse delta of one weight: ``W[index] += values`` (scaling already applied)."""
-
-    index: SparseIndex
-    values: torch.Tensor  # (nnz,)
-
-
-@dataclass(frozen=True)
-class LowRankTerm:
-    """A low-rank delta of one weight: ``W += scale * B @ A`` (transposed for fan_in_fan_out layers)."""
-
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scale: float
-    transpose: bool = False
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        d = (self.B.float() @ self.A.float()) * self.scale  # (out, in), the dense GEMM of a LoRA merge
-        return (d.T if self.transpose else d).to(dtype)
 
 
 class AdapterBank:
@@ -81,7 +62,7 @@ class AdapterBank:
 
     Args:
         model: The base model (an ``nn.Module`` or LightningModule). Adapter paths are relative
-            to its base model as in :func:`lightning_peft.adapter_io.find_base_model`; modules
+            to its base model as in :func:`lightning_peft.fingerprint.find_base_model`; modules
             that still hold a peft tuner layer are written through their ``base_layer``.
         lora_restore: ``"copy"`` (bit-exact) or ``"subtract"`` (peft's unmerge, inexact).
         use_triton: Scatter dispatch (``None``: Triton on CUDA, PyTorch on CPU).
@@ -103,9 +84,9 @@ class AdapterBank:
         self.base_prefix, self.base = find_base_model(model)
         self.lora_restore = lora_restore
         self.use_triton = use_triton
-        self.adapters: dict[str, list[tuple[str, SparseTerm | LowRankTerm]]] = {}  # name -> [(path, term)]
+        self.adapters: dict[str, list[tuple[str, DeltaTerm]]] = {}  # name -> [(path, term)]
         self.kinds: dict[str, str] = {}
-        self._applied: list[tuple[torch.Tensor, Any, Any, Any]] = []  # (weight, delta, alpha, saved)
+        self._applied = MergeStack()
         self.active: dict[str, float] = {}
         self._paths: dict[str, str] = {}  # adapter path -> module name in the base
 
@@ -136,13 +117,13 @@ class AdapterBank:
             switchable = [s.name for s in method_specs() if s.bank_deltas]
             raise ValueError(f"AdapterBank.add({name!r}): the source holds no adapter of a switchable method ({switchable})")
         for path, d in deltas:  # fail now, before anything is stored, not at activation
-            want, got = tuple(self._weight(path).shape), _delta_shape(d)
+            want, got = tuple(self._weight(path).shape), d.shape
             if got != want:
                 raise ValueError(
                     f"AdapterBank.add({name!r}): the adapter's {path} is made for a {got[0]} x {got[1]} weight, but this "
                     f"model's is {want[0]} x {want[1]}; add adapters trained on this base (same architecture and size)"
                 )
-        self.adapters[name] = [(p, _to(d, self._weight(p).device)) for p, d in deltas]
+        self.adapters[name] = [(p, d.to(self._weight(p).device)) for p, d in deltas]
         self.kinds[name] = kind
         return self
 
@@ -173,11 +154,7 @@ class AdapterBank:
         """Adapter ``name``'s dense fp32 ``(out, in)`` delta per weight path (analysis only: allocates)."""
         out: dict[str, torch.Tensor] = {}
         for path, d in self.adapters[name]:
-            if isinstance(d, SparseTerm):
-                dense = torch.zeros(d.index.shape, dtype=torch.float32, device=d.values.device)
-                dense[d.index.row.long(), d.index.col.long()] = d.values.float()
-            else:
-                dense = d.dense(torch.float32)
+            dense = d.dense(torch.float32)
             out[path] = out[path] + dense if path in out else dense
         return out
 
@@ -198,28 +175,15 @@ class AdapterBank:
             raise KeyError(f"AdapterBank holds no adapter {unknown[0]!r}; it holds {self.names()}")
         self.deactivate()
         for name, alpha in weights.items():
-            for path, delta in self.adapters[name]:
-                w = self._weight(path)
-                if isinstance(delta, SparseTerm):
-                    saved = scatter_add(w, delta.index, delta.values, float(alpha), use_triton=self.use_triton)
-                else:
-                    dense = delta.dense(torch.float32) * float(alpha)
-                    saved = w.clone() if self.lora_restore == "copy" else dense
-                    w.copy_((w.float() + dense).to(w.dtype))
-                self._applied.append((w, delta, alpha, saved))
+            for path, term in self.adapters[name]:
+                self._applied.push(term, self._weight(path), float(alpha), use_triton=self.use_triton,
+                                   copy_undo=self.lora_restore == "copy")
             self.active[name] = float(alpha)
 
     @torch.no_grad()
     def deactivate(self) -> None:
         """Restore the base weights (bit-exactly for SHiRA, and for LoRA with ``lora_restore='copy'``)."""
-        while self._applied:
-            w, delta, _, saved = self._applied.pop()
-            if isinstance(delta, SparseTerm):
-                scatter_restore(w, delta.index, saved, use_triton=self.use_triton)
-            elif self.lora_restore == "copy":
-                w.copy_(saved)
-            else:
-                w.copy_((w.float() - saved).to(w.dtype))
+        self._applied.pop_all(use_triton=self.use_triton)
         self.active = {}
 
     @contextmanager
@@ -260,59 +224,16 @@ class AdapterBank:
 
 
 # ---------------------------------------------------------------------- readers
-def _to(delta: SparseTerm | LowRankTerm, device: torch.device) -> SparseTerm | LowRankTerm:
-    if isinstance(delta, SparseTerm):
-        return SparseTerm(delta.index.to(device), delta.values.to(device))
-    return LowRankTerm(delta.A.to(device), delta.B.to(device), delta.scale, delta.transpose)
-
-
-def _delta_shape(d: SparseTerm | LowRankTerm) -> tuple[int, int]:
-    """The ``(out, in)`` weight shape a delta is made for."""
-    if isinstance(d, SparseTerm):
-        return tuple(d.index.shape)
-    out, inp = d.B.shape[0], d.A.shape[1]
-    return (inp, out) if d.transpose else (out, inp)
-
-
-def sparse_term(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], path: str) -> SparseTerm:
-    """A :class:`SparseTerm` from ``(2, n)`` positions: exact zeros dropped (e.g. peft-format padding), sorted row-major.
-
-    Raises:
-        ValueError: an index lies outside ``shape`` (an adapter made for a larger weight).
-    """
-    keep = values != 0
-    idx, vals = indices[:, keep].long(), values[keep]
-    if idx.numel() and (int(idx[0].max()) >= shape[0] or int(idx[1].max()) >= shape[1]):
-        raise ValueError(
-            f"AdapterBank.add: the adapter's {path} indexes entries up to ({int(idx[0].max())}, {int(idx[1].max())}), "
-            f"outside this model's {shape[0]} x {shape[1]} weight; add adapters trained on this base"
-        )
-    flat = idx[0] * shape[1] + idx[1]
-    order = torch.argsort(flat)
-    return SparseTerm(SparseIndex.from_flat(flat[order], shape), vals[order].detach().clone())
-
-
-def lora_scale(config: Any, r: int) -> float:
-    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of a LoRA folder's config.
-
-    Raises:
-        ValueError: per-module ranks or alphas (``rank_pattern``/``alpha_pattern``).
-    """
-    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
-        raise ValueError("AdapterBank reads LoRA folders with one r and alpha only (rank_pattern/alpha_pattern are set)")
-    return config.lora_alpha / (r**0.5 if config.use_rslora else r)
-
-
-def _from_folder(path: Path, shape_of: Any) -> tuple[list[tuple[str, SparseTerm | LowRankTerm]], str]:
+def _from_folder(path: Path, shape_of: Any) -> tuple[list[tuple[str, DeltaTerm]], str]:
     """The folder's terms per weight path, read by its method's ``bank_tensors``."""
-    config, tensors, _ = read_adapter(path)
+    config, tensors, _ = AdapterFolder(path).read()
     spec = spec_for_peft_type(config.peft_type)
     if spec is None or spec.bank_tensors is None:
         switchable = [s.peft_type for s in method_specs() if s.bank_tensors]
         raise ValueError(f"AdapterBank holds adapters of {switchable}; {path} is a {config.peft_type} adapter")
     by_path: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        rel = key[len(PEFT_PREFIX):]
+        rel = AdapterFolder.module_key(key)
         cut = rel.find("." + spec.prefix)
         if cut > 0:
             by_path.setdefault(rel[:cut], {})[rel[cut + 1 :]] = tensor
@@ -320,14 +241,14 @@ def _from_folder(path: Path, shape_of: Any) -> tuple[list[tuple[str, SparseTerm 
     return terms, spec.name
 
 
-def _from_module(source: nn.Module, adapter: str) -> tuple[list[tuple[str, SparseTerm | LowRankTerm]], str]:
+def _from_module(source: nn.Module, adapter: str) -> tuple[list[tuple[str, DeltaTerm]], str]:
     """The terms of ``adapter`` in every tuner layer of ``source``, read by each layer's method's ``bank_deltas``."""
     from peft import PeftModel
 
     if isinstance(source, PeftModel):
         source = source.get_base_model()  # paths relative to the wrapped model, as in a saved folder
     prefix, _ = find_base_model(source)
-    terms: list[tuple[str, SparseTerm | LowRankTerm]] = []
+    terms: list[tuple[str, DeltaTerm]] = []
     kinds = set()
     for name, m in source.named_modules():
         spec = spec_for_layer(m) if isinstance(m, BaseTunerLayer) else None

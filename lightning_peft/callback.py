@@ -26,6 +26,7 @@ optimizer step checks for adapter tensors that got no gradient (:func:`check_unu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -42,6 +43,13 @@ from typing_extensions import override
 
 from lightning_peft.checkpointing import install_adapter_only_state_dict
 from lightning_peft.config import AdapterConfig, check_resumed_config
+from lightning_peft.fingerprint import (
+    BaseModelMismatchWarning,
+    base_fingerprint,
+    describe_base_difference,
+    find_base_model,
+)
+from lightning_peft.registry import spec_for_layer, spec_for_method
 from lightning_peft.targeting import exact_pattern, find_target_modules
 
 log = logging.getLogger(__name__)
@@ -124,7 +132,9 @@ class AdapterCallback(L.Callback):
         # peft matches list entries by suffix (`model.q_proj` would also hit `ema.model.q_proj`):
         # hand it a regex that matches exactly the modules chosen here.
         peft_config.target_modules = exact_pattern(self.target_names)
-        inject_adapter_in_model(peft_config, module, adapter_name=name)
+        spec = spec_for_method(self.method_name)  # e.g. SHiRA: peft must build the method's own layer class
+        with spec.injecting() if spec else contextlib.nullcontext():
+            inject_adapter_in_model(peft_config, module, adapter_name=name)
         activate_all_adapters(module)
         install_adapter_only_state_dict(module)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -138,29 +148,20 @@ class AdapterCallback(L.Callback):
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # once per checkpoint (stacked callbacks share it): which base these adapter tensors belong to, and
-        # sparse positions in their compact code (lightning_peft.methods._sparse.storage)
+        # each layer's tensors in its method's compact code (MethodSpec.encode_checkpoint: sparse positions)
         if "base_fingerprint" not in checkpoint.setdefault("lightning_peft", {}):
-            from lightning_peft.adapter_io import base_fingerprint, find_base_model
-            from lightning_peft.methods._sparse import SparseDeltaCore
-
             checkpoint["lightning_peft"]["base_fingerprint"] = base_fingerprint(find_base_model(pl_module)[1])
             state = checkpoint.get("state_dict", {})
             for name, layer in pl_module.named_modules():
-                if isinstance(layer, SparseDeltaCore):
-                    layer.encode_index_state(state, f"{name}." if name else "")
+                spec = spec_for_layer(layer)
+                if spec is not None and spec.encode_checkpoint is not None:
+                    spec.encode_checkpoint(layer, state, f"{name}." if name else "")
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_peft", {}).get("base_fingerprint")
         if saved is None or checkpoint.get("lightning_peft", {}).get("_checked"):
             return
-        from lightning_peft.adapter_io import (
-            BaseModelMismatchWarning,
-            base_fingerprint,
-            describe_base_difference,
-            find_base_model,
-        )
-
         checkpoint["lightning_peft"]["_checked"] = True  # stacked callbacks: warn once
         diff = describe_base_difference(saved, base_fingerprint(find_base_model(pl_module)[1]))
         if diff:

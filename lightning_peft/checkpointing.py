@@ -25,6 +25,8 @@ import lightning as L
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from lightning_peft.registry import spec_for_layer
+
 _HOOKED = "_lightning_peft_adapter_only_state_dict"
 # segments that FSDP and torch's activation-checkpoint wrappers insert into module paths
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -88,14 +90,13 @@ def _ignore_missing_frozen(module: nn.Module, incompatible_keys: Any) -> None:
 def _check_adapter_shapes(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Before torch's own size check: name a checkpoint whose adapter has other shapes (another r or targets).
 
-    Compact sparse positions (:mod:`lightning_peft.methods._sparse.storage`) are decoded first, so the
-    check sees the layers' own layout.
+    Tensors a method stores in a compact code (``MethodSpec.decode_checkpoint``: sparse positions) are
+    decoded first, so the check sees the layers' own layout.
     """
-    from lightning_peft.methods._sparse import SparseDeltaCore
-
     for name, layer in module.named_modules():
-        if isinstance(layer, SparseDeltaCore):
-            layer.decode_index_state(state_dict, f"{prefix}{name}." if name else prefix)
+        spec = spec_for_layer(layer)
+        if spec is not None and spec.decode_checkpoint is not None:
+            spec.decode_checkpoint(layer, state_dict, f"{prefix}{name}." if name else prefix)
     own = dict(module.state_dict(keep_vars=True))  # adapter-only: what a checkpoint of this run holds
     clashes = [
         f"{k}: checkpoint {tuple(v.shape)} vs this run {tuple(own[k[len(prefix):]].shape)}"

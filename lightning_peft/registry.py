@@ -10,8 +10,13 @@ A method is an :class:`~lightning_peft.callback.AdapterCallback` subclass regist
 ``prefix``             the prefix of its tensors' names in the model and in folders (``lora_``)
 ``bank_deltas``        how ``AdapterBank`` reads one layer's delta (``None``: not switchable)
 ``bank_tensors``       how ``AdapterBank`` reads one weight's delta from a folder's tensors
+``encode_checkpoint``  how a layer stores its tensors compactly in a checkpoint (sparse positions)
+``decode_checkpoint``  and reads them back before the checkpoint is loaded into the layer
 ``fsdp``               whether ``adapter_fsdp`` can shard it (its tensors live in leaf modules)
 =====================  ========================================================================
+
+The generic code (the callback, checkpoints, ``AdapterBank``, the strategies) calls these hooks and
+imports no method.
 
 A new method is one folder under ``methods/``, one ``register_method`` call, one config file in
 ``conf/method/`` and one row of ``tests/test_contract.py`` (see ``CONTRIBUTING.md``).
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MethodSpec", "available_methods", "create_method", "get_method", "get_spec", "method_specs", "register_method",
-    "spec_for_layer", "spec_for_peft_type",
+    "spec_for_layer", "spec_for_method", "spec_for_peft_type",
 ]
 
 
@@ -49,9 +54,12 @@ class MethodSpec:
             inside (``None``: none needed).
         prefix: Prefix of its adapter tensors' names (peft's ``prefix``, e.g. ``"lora_"``).
         bank_deltas: ``(layer, adapter) -> [term, ...]`` for :class:`~lightning_peft.bank.AdapterBank`
-            (``SparseTerm`` / ``LowRankTerm``); ``None`` if the method cannot be switched in place.
+            (:class:`~lightning_peft.deltas.DeltaTerm` s); ``None`` if the method cannot be switched in place.
         bank_tensors: ``(tensors of one weight by name after the path, folder config, weight shape, path)
             -> [term, ...]``, the same from a saved folder.
+        encode_checkpoint: ``(layer, state_dict, prefix) -> None``: replace the layer's tensors under
+            ``prefix`` in a checkpoint's ``state_dict`` by a compact code, in place (``None``: stored as they are).
+        decode_checkpoint: ``(layer, state_dict, prefix) -> None``: undo ``encode_checkpoint`` in place.
         fsdp: ``adapter_fsdp`` supports it (trainable tensors in leaf modules).
     """
 
@@ -63,6 +71,8 @@ class MethodSpec:
     prefix: str = ""
     bank_deltas: Callable[[nn.Module, str], list[Any]] | None = field(default=None, compare=False)
     bank_tensors: Callable[..., list[Any]] | None = field(default=None, compare=False)
+    encode_checkpoint: Callable[[nn.Module, dict[str, Any], str], None] | None = field(default=None, compare=False)
+    decode_checkpoint: Callable[[nn.Module, dict[str, Any], str], None] | None = field(default=None, compare=False)
     fsdp: bool = False
 
     @property
@@ -134,6 +144,11 @@ def get_spec(name: str) -> MethodSpec:
             "`lightning_peft.register_method`."
         )
     return _SPECS[name]
+
+
+def spec_for_method(name: str) -> MethodSpec | None:
+    """The spec registered under ``name``, or ``None`` (an adapter callback nobody registered)."""
+    return _SPECS.get(name)
 
 
 def get_method(name: str) -> type[AdapterCallback]:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
-from lightning_peft import adapter_io
+from lightning_peft import adapter_folder
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_failed_save_keeps_the_previous_folder(saved: Path, bases, monkeypatch) 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    monkeypatch.setattr(adapter_folder, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         lp.save_adapter(module, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before

@@ -15,7 +15,7 @@ from helpers import EagerLM, peft_round_trip, token_loader
 from transformers import AutoModelForCausalLM
 
 import lightning_peft as lp
-from lightning_peft.methods.trans_peft.ffn import find_ffn_sites
+from lightning_peft.ffn_sites import find_ffn_sites
 from lightning_peft.targeting import find_target_modules
 
 VOCAB = 101

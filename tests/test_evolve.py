@@ -13,7 +13,14 @@ import pytest
 from helpers import read_wandb_offline_run
 from safetensors.torch import load_file
 
-from lightning_peft.evolve import ROWS, aggregate, newer_version, recovery_ratio, seed_list, wilson_interval
+from lightning_peft.analysis.evolve_stats import (
+    ROWS,
+    aggregate,
+    newer_version,
+    recovery_ratio,
+    seed_list,
+    wilson_interval,
+)
 
 
 def test_recovery_ratio_by_hand() -> None:

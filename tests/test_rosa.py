@@ -26,7 +26,7 @@ import lightning_peft as lp
 from lightning_peft.methods._sparse import nnz_for as _nnz_for
 from lightning_peft.methods._sparse import random_mask, topk_mask
 from lightning_peft.methods.rosa import RoSA
-from lightning_peft.methods.rosa.config import RosaConfig
+from lightning_peft.methods.rosa.config import RosaPeftConfig
 from lightning_peft.methods.rosa.layer import RosaLayer
 from lightning_peft.methods.rosa.mask import GradientCollector
 
@@ -168,8 +168,8 @@ def _two_adapter_layer(fan_in_fan_out: bool = False) -> tuple[nn.Module, RosaLay
     torch.manual_seed(0)
     base = Conv1D(11, 13) if fan_in_fan_out else nn.Linear(13, 11)  # (in 13, out 11) either way
     model = nn.Sequential(base)
-    inject_adapter_in_model(RosaConfig(r=3, density=0.3, target_modules=["0"]), model, adapter_name="a")
-    inject_adapter_in_model(RosaConfig(r=0, density=0.4, target_modules=["0"]), model, adapter_name="b")
+    inject_adapter_in_model(RosaPeftConfig(r=3, density=0.3, target_modules=["0"]), model, adapter_name="a")
+    inject_adapter_in_model(RosaPeftConfig(r=0, density=0.4, target_modules=["0"]), model, adapter_name="b")
     layer = model[0]
     layer.set_adapter(["a", "b"])
     g = torch.Generator().manual_seed(1)
@@ -230,7 +230,7 @@ def test_merge_then_unmerge_restores_the_exact_bits(fan_in_fan_out: bool) -> Non
 def test_inactive_mask_contributes_nothing() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 11))
-    inject_adapter_in_model(RosaConfig(r=0, density=0.3, target_modules=["0"]), model)
+    inject_adapter_in_model(RosaPeftConfig(r=0, density=0.3, target_modules=["0"]), model)
     x = torch.randn(4, 13)
     with torch.no_grad():
         model[0].rosa_values["default"].fill_(5.0)  # no mask yet: must not matter
@@ -330,7 +330,7 @@ def test_bad_arguments_say_what_to_do(kwargs: dict, match: str) -> None:
 def test_unsupported_layer_fails_clearly() -> None:
     model = nn.Sequential(nn.Embedding(5, 4))
     with pytest.raises(TypeError, match=r"RoSA adapts nn.Linear and transformers Conv1D layers, not Embedding"):
-        inject_adapter_in_model(RosaConfig(r=2, density=0.1, target_modules=["0"]), model)
+        inject_adapter_in_model(RosaPeftConfig(r=2, density=0.1, target_modules=["0"]), model)
 
 
 def test_registered_with_peft_and_lightning_peft() -> None:
@@ -346,7 +346,7 @@ def test_peft_merge_and_unload_gives_the_adapted_outputs() -> None:
 
     _, layer = _two_adapter_layer()
     x = torch.randn(5, 13, generator=torch.Generator().manual_seed(4))
-    peft_model = get_peft_model(nn.Sequential(nn.Linear(13, 11)), RosaConfig(r=3, density=0.3, target_modules=["0"]))
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(13, 11)), RosaPeftConfig(r=3, density=0.3, target_modules=["0"]))
     inner = peft_model.base_model.model[0]
     inner.base_layer.load_state_dict(layer.base_layer.state_dict())
     for key in ("rosa_A", "rosa_B", "rosa_values", "rosa_row", "rosa_col"):  # adapter "a" as "default"

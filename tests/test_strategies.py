@@ -62,8 +62,8 @@ def test_registry_names_resolve_and_reimport_is_silent() -> None:
     assert given == {"static_graph": False, "find_unused_parameters": True}
     assert lp.AdapterDDPStrategy(static_graph=True).ddp_graph_settings(2) == {"static_graph": True,
                                                                              "find_unused_parameters": False}
-    importlib.reload(importlib.import_module("lightning_peft.plugins"))  # registers the same names again: no error
-    strategies_module.register_strategies()
+    plugins = importlib.reload(importlib.import_module("lightning_peft.plugins"))  # registers the same names again
+    plugins.register_strategies()  # and again: no error
     assert StrategyRegistry["adapter_ddp"]["strategy"] is lp.AdapterDDPStrategy
 
 

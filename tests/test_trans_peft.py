@@ -16,7 +16,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import lightning_peft as lp
-from lightning_peft.methods.trans_peft import NoFFNFoundError, find_ffn_sites
+from lightning_peft.ffn_sites import NoFFNFoundError, find_ffn_sites
 
 
 @pytest.fixture(scope="module")

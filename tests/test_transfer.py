@@ -357,9 +357,8 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
     monkeypatch.undo()
 
     fresh_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_start": False})
-    student, metrics = transfer.train_student(fresh_cfg, syn, method="lora", method_kwargs={"r": 2},
-                                              trainer_kwargs={"max_steps": 2, **quiet},
-                                              data_kwargs={"batch_size": 2})
+    student, metrics = transfer.train_student(fresh_cfg, syn, transfer.StudentConfig(
+        method="lora", method_kwargs={"r": 2}, trainer_kwargs={"max_steps": 2, **quiet}, data_kwargs={"batch_size": 2}))
     assert {"test/loss", "test/exact_match"} <= metrics.keys()
     assert any(".lora_A." in n for n, p in student.named_parameters() if p.requires_grad)
 
@@ -370,21 +369,21 @@ def test_end_to_end_transfer_on_micro_zoo_models(micro_model_dir: str, tmp_path,
     adapter_params = lambda m: {n.removeprefix("model.").replace(".default.", "."): p  # noqa: E731
                                 for n, p in m.named_parameters() if p.requires_grad}
     warm = CausalLMModule(model="llama-micro-v2")
-    assert transfer.pipeline.warm_start_from(warm, str(adapter))
+    assert transfer.student.warm_start_from(warm, str(adapter))
     loaded = adapter_params(warm)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
     assert cfg.warm_start  # the default; a warm student runs its own, gentler schedule
     warm_cfg = transfer.TransferConfig(**{**cfg.__dict__, "warm_lr": 1e-4, "warm_steps": 3})
-    student, _ = transfer.train_student(warm_cfg, syn, method="lora", method_kwargs={"r": 4},  # r=4 unused: warm
-                                        module_kwargs={"lr": 3e-3}, trainer_kwargs={"max_steps": 2, **quiet},
-                                        data_kwargs={"batch_size": 2}, test=False)
+    student, _ = transfer.train_student(warm_cfg, syn, transfer.StudentConfig(
+        method="lora", method_kwargs={"r": 4},  # r=4 unused: warm
+        module_kwargs={"lr": 3e-3}, trainer_kwargs={"max_steps": 2, **quiet}, data_kwargs={"batch_size": 2}), test=False)
     assert student.trainer.global_step == 3 and student.trainer.optimizers[0].defaults["lr"] == 1e-4
     trained = adapter_params(student)
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in saved.items()}  # the source's r=2
     assert any(not torch.equal(trained[k], v) for k, v in saved.items())  # and it trained from there
     # ... and a fresh adapter where they do not (another family): the model is left as it was
     other = CausalLMModule(model="qwen2-micro-v1")
-    assert not transfer.pipeline.warm_start_from(other, str(adapter))
+    assert not transfer.student.warm_start_from(other, str(adapter))
     assert not getattr(other.model, "peft_config", None) and all(p.requires_grad for p in other.parameters())
 
 

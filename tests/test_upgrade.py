@@ -16,20 +16,25 @@ import torch
 from helpers import read_wandb_offline_run
 
 import lightning_peft as lp
+from lightning_peft.model_loader import ModelLoader
 from lightning_peft.module import CausalLMModule
+from lightning_peft.resume import SettingsChangedError
 from lightning_peft.tasks import get_task
 from lightning_peft.upgrade import (
+    ROUTES,
+    AdapterRecord,
     Agreement,
+    Candidate,
+    RouteSkipped,
     UpgradeConfig,
-    UpgradeSettingsError,
     agreement,
     completion_kl,
     find_adapters,
-    read_record,
     text_similarity,
     upgrade_fleet,
 )
 from lightning_peft.upgrade import fleet as fleet_mod
+from lightning_peft.upgrade.routes import DirectRoute, RouteContext
 
 MICRO = dict(max_length=64, num_train=16, num_val=0, num_test=4, batch_size=8)
 # seconds-long upgrade settings on micro models
@@ -39,12 +44,17 @@ QUICK = dict(num_holdout=3, num_synthetic=4, max_new_tokens=6,
                       "data_kwargs": {"batch_size": 4}})
 
 
+def read_record(folder: Path) -> AdapterRecord:
+    return lp.AdapterFolder(folder).record
+
+
 def _train(folder: Path, method: lp.AdapterCallback, num_seeds: int = 3) -> Path:
     module = CausalLMModule("llama-micro-v1", generate_on_val=False)
-    L.Trainer(max_steps=2, callbacks=[method, lp.UpgradeRecord(num_seeds=num_seeds)], logger=False,
+    recorder = lp.UpgradeRecord(num_seeds=num_seeds)
+    L.Trainer(max_steps=2, callbacks=[method, recorder], logger=False,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
               limit_val_batches=0).fit(module, get_task("arithmetic", tokenizer="llama-micro-v1", **MICRO))
-    return lp.save_adapter(module, folder)
+    return lp.save_adapter(module, folder, record=recorder.record)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +91,12 @@ def test_a_discriminator_is_copied_into_the_adapter_folder(tmp_path: Path) -> No
     model = lp.analysis.load_base("llama-micro-v1")
     lp.LoRA(r=2).inject(model)
     lp.save_adapter(model, disc)
-    lp.upgrade.set_record(model, task="sql", seeds=["Q?"], discriminator=str(disc))
-    folder = lp.save_adapter(model, tmp_path / "adapter")
+    written = AdapterRecord(task="sql", seeds=["Q?"], discriminator=str(disc))
+    folder = lp.save_adapter(model, tmp_path / "adapter", record=written)
     record = read_record(folder)
     assert record.discriminator == str(folder / "discriminator") and record.seeds == ["Q?"]
     assert (folder / "discriminator" / "adapter_model.safetensors").read_bytes() == (disc / "adapter_model.safetensors").read_bytes()
-    lp.save_adapter(model, folder)  # replacing a folder that holds our record files is allowed
+    lp.save_adapter(model, folder, record=written)  # replacing a folder that holds our record files is allowed
 
 
 # --------------------------------------------------------------------------- the agreement check by hand
@@ -131,14 +141,17 @@ def test_agreement_of_a_model_with_itself_and_the_kl_by_hand() -> None:
 def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeypatch, scores: dict, route: str) -> None:
     tried = []
 
-    def candidate(name):
-        def build(folder, record, old, method, cfg, target, bases, synthetic):
-            tried.append(name)
-            model, tok = bases.adapted(cfg.new, folder)
-            return model, tok, model, folder
-        return build
+    class Stub:
+        def __init__(self, name: str) -> None:
+            self.name = name
 
-    monkeypatch.setattr(fleet_mod, "_ROUTES", {"direct": candidate("direct"), "translora": candidate("translora")})
+        def propose(self, context: RouteContext) -> Candidate:
+            tried.append(self.name)
+            model, tok = context.models.load(context.cfg.new, context.folder, other_base=True)
+            return Candidate(model, tok, model, context.folder)
+
+    for name in ("direct", "translora"):
+        monkeypatch.setitem(ROUTES, name, Stub(name))
     monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]], 0.0, None, 1))
     cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8,
@@ -161,11 +174,6 @@ def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeyp
 @pytest.mark.parametrize(("max_kl", "route"), [(0.3, "direct"), (0.1, "needs_data"), (None, "needs_data")])
 def test_a_small_token_kl_takes_a_route_the_agreement_does_not(fleet: Path, tmp_path: Path, monkeypatch, max_kl,
                                                                 route: str) -> None:
-    def candidate(folder, record, old, method, cfg, target, bases, synthetic):
-        model, tok = bases.adapted(cfg.new, folder)
-        return model, tok, model, folder
-
-    monkeypatch.setattr(fleet_mod, "_ROUTES", {"direct": candidate})
     monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.5, 0.0, 0.2, 1))  # low agreement, kl 0.2
     cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
@@ -178,9 +186,10 @@ def test_a_small_token_kl_takes_a_route_the_agreement_does_not(fleet: Path, tmp_
 
 
 def test_no_direct_route_across_families_and_no_check_without_seeds(fleet: Path, tmp_path: Path) -> None:
-    made = fleet_mod._direct(fleet / "team-a" / "lora", None, "llama-micro-v1", "lora",
-                             UpgradeConfig(adapters=".", new="qwen2-micro-v1"), tmp_path, fleet_mod._Bases(), None)
-    assert isinstance(made, str) and "does not fit the new base" in made
+    other_family = RouteContext(fleet / "team-a" / "lora", AdapterRecord(), "llama-micro-v1", "lora",
+                                UpgradeConfig(adapters=".", new="qwen2-micro-v1"), tmp_path, ModelLoader())
+    with pytest.raises(RouteSkipped, match="does not fit the new base"):
+        DirectRoute().propose(other_family)
     seedless = tmp_path / "fleet" / "private"
     _train(seedless, lp.LoRA(r=2), num_seeds=0)
     (row,) = upgrade_fleet(UpgradeConfig(adapters=str(tmp_path / "fleet"), new="llama-micro-v2", routes=["translora"],
@@ -207,7 +216,7 @@ def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fl
     assert done.stat().st_mtime_ns == stamp and [r["route"] for r in again] == [r["route"] for r in rows]
     assert again[0]["agreement"] == rows[0]["agreement"]
     changed = UpgradeConfig(**{**cfg.__dict__, "threshold": 0.5})
-    with pytest.raises(UpgradeSettingsError, match=r"threshold: before 0.0 vs now 0.5"):
+    with pytest.raises(SettingsChangedError, match=r"threshold: before 0.0 vs now 0.5"):
         upgrade_fleet(changed, progress=False)
 
 

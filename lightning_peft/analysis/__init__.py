@@ -3,7 +3,8 @@
 Pure metrics (:mod:`~lightning_peft.analysis.metrics`), the comparison of two models on task
 inputs (:func:`compare_models` -> :class:`DriftReport`), the causal attribution of an adapter's
 drop to sub-blocks through hybrid bases (:func:`attribute_drop`), a report folder
-(:func:`write_report`), and the :class:`DriftAnalysis` callback.
+(:func:`write_report`), the :class:`DriftAnalysis` callback, and the statistics of the Trans-PEFT
+protocol (:mod:`~lightning_peft.analysis.evolve_stats`, ``lightning-peft evolve``).
 
 Example:
     >>> from lightning_peft.analysis import analyse, write_report  # doctest: +SKIP
@@ -11,8 +12,9 @@ Example:
 """
 
 from lightning_peft.analysis.attribution import attribute_drop, sub_blocks
-from lightning_peft.analysis.callback import DriftAnalysis, adapter_outcome, analyse, evaluate_lm, load_base
+from lightning_peft.analysis.callback import DriftAnalysis, adapter_outcome, analyse
 from lightning_peft.analysis.compare import DriftReport, compare_models, weight_drift
+from lightning_peft.analysis.evaluation import evaluate_lm, load_base
 from lightning_peft.analysis.metrics import cosine, js_divergence, linear_cka, relative_change, topk_overlap
 from lightning_peft.analysis.report import log_report, plot_report, write_report
 

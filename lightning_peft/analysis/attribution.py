@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.analysis.evaluation import evaluate_lm
 from lightning_peft.analysis.metrics import layer_index, module_type
 
 Row = dict[str, Any]
@@ -171,8 +172,6 @@ def attribute_drop(
         ValueError: the two bases are not two versions of one architecture.
     """
     from peft import PeftModel
-
-    from lightning_peft.analysis.callback import evaluate_lm
 
     old_state = {n: p.detach().cpu() for n, p in base_parameters(old).items()}
     model = PeftModel.from_pretrained(new, str(adapter_dir)).eval()

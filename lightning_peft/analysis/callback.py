@@ -11,38 +11,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
 from typing_extensions import override
 
+from lightning_peft.adapter_folder import AdapterFolder
+from lightning_peft.adapter_io import save_adapter
+from lightning_peft.analysis.attribution import attribute_drop
 from lightning_peft.analysis.compare import DriftReport, compare_models
+from lightning_peft.analysis.evaluation import evaluate_lm, load_base
 from lightning_peft.analysis.report import log_report, write_report
+from lightning_peft.callback import adapter_names
 from lightning_peft.data import first_batches
 
 log = logging.getLogger(__name__)
-
-
-def load_base(name: str) -> nn.Module:
-    """A zoo name / local folder / Hub name as an eval-mode causal LM with eager attention."""
-    from transformers import AutoModelForCausalLM
-
-    from lightning_peft import zoo
-
-    return AutoModelForCausalLM.from_pretrained(zoo.resolve(name), attn_implementation="eager").eval()
-
-
-@torch.no_grad()
-def evaluate_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean completion loss and next-token accuracy over ``batches`` (``labels`` -100 = ignored)."""
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        logits, target = logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
-        valid = target != -100
-        total_loss += float(torch.nn.functional.cross_entropy(logits[valid], target[valid], reduction="sum"))
-        correct += int((logits.argmax(-1) == target)[valid].sum())
-        count += int(valid.sum())
-    return {"loss": total_loss / max(count, 1), "token_acc": correct / max(count, 1)}
 
 
 def adapter_outcome(adapter_dir: str | Path, bases: dict[str, str], batches: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
@@ -71,11 +51,14 @@ def analyse(
             ``outcome`` table (each adapter on both bases) and the causal ``attribution`` of
             each adapter's drop (:func:`~lightning_peft.analysis.attribution.attribute_drop`).
         per_layer: Attribution rows per layer too.
-    """
-    from lightning_peft.analysis.attribution import attribute_drop
 
-    report = compare_models(load_base(old), load_base(new), batches, old, new, topk=topk)
+    Raises:
+        AdapterFormatError: an adapter folder is missing or incomplete (before any model is loaded).
+    """
     dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, Path)) else list(adapter_dirs or [])
+    for adapter in dirs:
+        AdapterFolder(adapter).check()
+    report = compare_models(load_base(old), load_base(new), batches, old, new, topk=topk)
     for index, adapter in enumerate(dirs):
         report.outcome += [{"adapter": index, **r} for r in adapter_outcome(adapter, {"old": old, "new": new}, batches)]
         rows = attribute_drop(load_base(old), load_base(new), adapter, batches, per_layer, old, new)
@@ -123,9 +106,6 @@ class DriftAnalysis(L.Callback):
     @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_peft.adapter_io import save_adapter
-        from lightning_peft.callback import adapter_names
-
         if trainer.datamodule is None:
             raise ValueError("DriftAnalysis needs the task inputs: pass a datamodule to trainer.fit(module, datamodule=...)")
         folder = Path(self.out_dir or (trainer.log_dir or trainer.default_root_dir)) / "drift"

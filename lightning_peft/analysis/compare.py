@@ -35,7 +35,7 @@ from lightning_peft.analysis.metrics import (
     relative_change,
     topk_overlap,
 )
-from lightning_peft.methods.trans_peft.ffn import find_ffn_sites
+from lightning_peft.ffn_sites import find_ffn_sites
 
 Row = dict[str, Any]
 

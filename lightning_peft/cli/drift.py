@@ -6,9 +6,10 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_peft.analysis import DriftReport, analyse, log_report, write_report
+from lightning_peft.cli.run import RunContext
 from lightning_peft.data import first_batches
 
 
@@ -17,17 +18,9 @@ def run(cfg: DictConfig) -> DriftReport:
     batches = first_batches(instantiate(cfg.task), cfg.split, cfg.num_batches)
     report = analyse(cfg.old, cfg.new, batches, topk=cfg.topk, adapter_dirs=cfg.adapter, per_layer=cfg.per_layer)
     plots = write_report(report, cfg.out_dir)
-    logger_cfg = cfg.get("logger")
-    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else None
-    if logger is not None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        log_report(report, [logger], plots)
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
-        else:
-            logger.finalize("success")
+    with RunContext(cfg) as run:
+        if run.logger is not None:
+            log_report(report, [run.logger], plots)
     print_summary(report, Path(cfg.out_dir))
     return report
 

@@ -12,7 +12,6 @@ and ``adapter/``. Under multirun (``-m``) use ``trainer.strategy=adapter_ddp_spa
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from pathlib import Path
@@ -21,16 +20,13 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import lightning_peft as lp
+from lightning_peft.adapter_folder import AdapterRecord
+from lightning_peft.cli.run import RunContext
 
 log = logging.getLogger(__name__)
-
-
-def _loggers(cfg: DictConfig) -> Any:
-    logger_cfg = cfg.get("logger")
-    return instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -45,7 +41,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "protocol is its own command now: run `lightning-peft evolve` with the same overrides (without experiment=evolve)"
         )
     L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.run_dir)
     datamodule = instantiate(cfg.task)
     module = instantiate(cfg.module)
     method = instantiate(cfg.method)
@@ -53,44 +48,45 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trans_peft = cfg.get("trans_peft")  # `trans_peft=default` (Trans-PEFT stacks with any method)
     if trans_peft and "_target_" in trans_peft:
         callbacks.append(instantiate(trans_peft))
-    logger = _loggers(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
-    _refuse_relaunch_in_multirun(trainer)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    try:
+    with RunContext(cfg) as run:
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=run.logger or False,
+                                         default_root_dir=str(run.run_dir))
+        _refuse_relaunch_in_multirun(trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        adapter = lp.save_adapter(module, run_dir / "adapter") if cfg.save_adapter and trainer.is_global_zero else None
+        adapter = None
+        if cfg.save_adapter and trainer.is_global_zero:  # with what UpgradeRecord / TransLoRADiscriminator recorded
+            adapter = lp.save_adapter(module, run.run_dir / "adapter", record=AdapterRecord.from_callbacks(callbacks))
         if cfg.test_after_fit:
             tests = trainer.test(module, datamodule=datamodule, verbose=False)  # [] when the task has no test split
             metrics.update({k: float(v) for k, v in (tests[0] if tests else {}).items()})
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        results: dict[str, Any] = {
-            "model": cfg.model.name_or_path,
-            "method": type(method).method_name,
-            "task": type(datamodule).task_name,
-            "steps": trainer.global_step,
-            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "metrics": metrics,
-            "run_dir": str(run_dir),
-            "checkpoint": str(ckpt),
-            # adapter-only checkpoint (adapter + optimizer + loop state) vs all model weights
-            "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 3) if ckpt.exists() else None,
-            "model_mb": round(base_bytes / 2**20, 3),
-        }
+        results = _results(cfg, type(method).method_name, trainer, module, datamodule, metrics, run.run_dir)
         if adapter is not None:
             results["adapter"] = str(adapter)
         if trainer.is_global_zero:
-            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            run.write_results(results)
             print_results(results)
         return results
-    finally:
-        if logger and type(logger).__name__ == "WandbLogger":
-            import wandb
 
-            wandb.finish()  # WandbLogger.finalize does not; needed between multirun jobs
+
+def _results(cfg: DictConfig, method: str, trainer: L.Trainer, module: L.LightningModule, datamodule: Any,
+             metrics: dict[str, float], run_dir: Path) -> dict[str, Any]:
+    """What ``results.json`` holds (besides the adapter folder)."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    return {
+        "model": cfg.model.name_or_path,
+        "method": method,
+        "task": type(datamodule).task_name,
+        "steps": trainer.global_step,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "metrics": metrics,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        # adapter-only checkpoint (adapter + optimizer + loop state) vs all model weights
+        "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 3) if ckpt.exists() else None,
+        "model_mb": round(base_bytes / 2**20, 3),
+    }
 
 
 def resume_path(cfg: DictConfig) -> str | None:

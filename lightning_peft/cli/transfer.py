@@ -6,17 +6,14 @@ real test split, and writes ``results.json`` and ``adapter/`` to the run directo
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_peft as lp
-from lightning_peft.transfer import TransferConfig, synthesize, train_student
+from lightning_peft.cli.run import RunContext, dataclass_fields
+from lightning_peft.transfer import StudentConfig, TransferConfig, synthesize, train_student
 
 # Keys of a task config that the transfer sets itself (tokenizer: the target's; the shuffling seed: its own).
 _TASK_KEYS_SET_HERE = ("_target_", "tokenizer", "shuffle_seed")
@@ -24,9 +21,7 @@ _TASK_KEYS_SET_HERE = ("_target_", "tokenizer", "shuffle_seed")
 
 def transfer_config(cfg: DictConfig, task_name: str) -> TransferConfig:
     """The :class:`TransferConfig` of a composed ``transfer`` config; the ``task`` group gives name and settings."""
-    fields = {f.name for f in dataclasses.fields(TransferConfig)}
-    values = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-              for k, v in cfg.items() if k in fields and k not in ("task", "task_kwargs")}
+    values = dataclass_fields(TransferConfig, cfg, exclude=("task", "task_kwargs"))
     task = OmegaConf.to_container(cfg.task, resolve=True)
     return TransferConfig(task=task_name, task_kwargs={k: v for k, v in task.items() if k not in _TASK_KEYS_SET_HERE},
                           **values)
@@ -35,32 +30,21 @@ def transfer_config(cfg: DictConfig, task_name: str) -> TransferConfig:
 def run(cfg: DictConfig, task_name: str) -> dict[str, Any]:
     """Run one transfer as ``cfg`` says; returns what is written to ``results.json``."""
     tcfg = transfer_config(cfg, task_name)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger_cfg = cfg.get("logger")
-    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
-    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
-    try:
+    student = StudentConfig.from_dict(OmegaConf.to_container(cfg.student, resolve=True))
+    with RunContext(cfg) as run:
         syn = synthesize(tcfg)
-        trainer_kwargs = {**student_cfg["trainer_kwargs"], "logger": logger, "default_root_dir": str(run_dir)}
-        module, metrics = train_student(tcfg, syn, student_cfg["method"], student_cfg["method_kwargs"],
-                                        student_cfg["module_kwargs"], trainer_kwargs, student_cfg["data_kwargs"])
+        student = student.with_trainer_kwargs(logger=run.logger or False, default_root_dir=str(run.run_dir))
+        module, metrics = train_student(tcfg, syn, student)
         results = {"source_model": tcfg.source_model, "target_model": tcfg.target_model, "task": tcfg.task,
-                   "method": student_cfg["method"], "kl_weight": tcfg.kl_weight, "synthetic": len(syn.accepted),
+                   "method": student.method, "kl_weight": tcfg.kl_weight, "synthetic": len(syn.accepted),
                    "stats": syn.header.get("stats"), "metrics": metrics,
-                   "adapter": str(lp.save_adapter(module, run_dir / "adapter")), "cache": tcfg.cache}
-        if logger:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                   "adapter": str(lp.save_adapter(module, run.run_dir / "adapter")), "cache": tcfg.cache}
+        if run.logger is not None:
             stats = {f"transfer/{k}": v for k, v in (syn.header.get("stats") or {}).items() if isinstance(v, float)}
-            logger.log_metrics({**stats, "transfer/synthetic": float(len(syn.accepted))})
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            run.logger.log_metrics({**stats, "transfer/synthetic": float(len(syn.accepted))})
+        run.write_results(results)
         _print(results)
         return results
-    finally:
-        if logger and type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
 
 
 def _print(results: dict[str, Any]) -> None:

@@ -3,44 +3,33 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lightning_peft.cli.run import RunContext, dataclass_fields
 from lightning_peft.upgrade import UpgradeConfig, upgrade_fleet
 from lightning_peft.upgrade.report import log_report, merge_reports, write_report
 
 
 def upgrade_config(cfg: DictConfig) -> UpgradeConfig:
     """The :class:`UpgradeConfig` of a composed ``upgrade`` config."""
-    fields = {f.name for f in dataclasses.fields(UpgradeConfig)}
-    values = OmegaConf.to_container(cfg, resolve=True)
-    return UpgradeConfig(**{k: v for k, v in values.items() if k in fields})  # type: ignore[union-attr]
+    return UpgradeConfig(**dataclass_fields(UpgradeConfig, cfg))
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Upgrade the fleet ``cfg`` names; write, log and print the report; returns its rows."""
     ucfg = upgrade_config(cfg)
-    logger_cfg = cfg.get("logger")
-    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else None
-    try:
+    with RunContext(cfg) as run:
         rows = upgrade_fleet(ucfg)
         files = write_report(rows, ucfg.out, ucfg.threshold)
-        if logger is not None:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            log_report(rows, logger, files["png"])
+        if run.logger is not None:
+            log_report(rows, run.logger, files["png"])
         print_report(rows, files["md"])
         return rows
-    finally:
-        if logger is not None and type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
 
 
 def print_report(rows: list[dict[str, Any]], where: Path) -> None:

@@ -197,15 +197,9 @@ class AdapterFSDPStrategy(FSDPStrategy):
     # ------------------------------------------------------------------ wrapping
     @override
     def setup(self, trainer: L.Trainer) -> None:
-        from lightning_peft.methods.trans_peft import TransPEFT
-
-        dropping = [cb.config.drop_p for cb in trainer.callbacks if isinstance(cb, TransPEFT) and cb.config.drop_p > 0]
-        if dropping:
-            raise AdapterStrategyError(
-                f"adapter_fsdp: TransPEFT(drop_p={dropping[0]}) skips different FFNs on each rank, but FSDP needs every "
-                "rank to run the same units (their all-gathers must pair up). Use Trainer(strategy='adapter_ddp') "
-                "for Trans-PEFT dropping, or drop_p=0 (masking works under FSDP)."
-            )
+        for callback in trainer.callbacks:  # a callback that cannot run under FSDP says so (TransPEFT dropping FFNs)
+            if callable(getattr(callback, "check_strategy_name", None)):
+                callback.check_strategy_name("adapter_fsdp")
         assert self.lightning_module is not None
         inject_configured_adapters(trainer, self.lightning_module)  # a no-op unless a callback did not inject
         super().setup(trainer)

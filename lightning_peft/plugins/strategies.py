@@ -61,7 +61,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -78,7 +78,6 @@ __all__ = [
     "in_hydra_multirun",
     "inject_configured_adapters",
     "keep_adapters_fp32",
-    "register_strategies",
 ]
 
 log = logging.getLogger(__name__)
@@ -284,11 +283,3 @@ class _AdapterMultiProcessingLauncher(_MultiProcessingLauncher):
         else:
             loop.manual_optimization.optim_step_progress.total.completed = step
         trainer.fit_loop.epoch_progress.current.completed = epochs
-
-
-def register_strategies(registry: _StrategyRegistry = StrategyRegistry) -> None:
-    """Register ``adapter_ddp``, ``adapter_ddp_spawn``, ``adapter_ddp_fork`` and ``adapter_fsdp`` (idempotent)."""
-    from lightning_peft.plugins.fsdp import AdapterFSDPStrategy
-
-    AdapterDDPStrategy.register_strategies(registry)
-    AdapterFSDPStrategy.register_strategies(registry)

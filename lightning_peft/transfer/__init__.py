@@ -6,11 +6,14 @@
   callback after source training);
 * :mod:`.filtering`: rejection sampling with acceptance statistics, MMD of embeddings;
 * :mod:`.provenance`: synthetic sets cached as JSONL with what produced them;
-* :mod:`.pipeline`: :func:`synthesize` then :func:`train_student` on the target model;
+* :mod:`.config`: what a transfer is asked to do (:class:`TransferConfig`, :class:`StudentConfig`);
+* :mod:`.pipeline`: :func:`synthesize`: generate, filter, label;
+* :mod:`.student`: :func:`train_student` on the target model;
 * :mod:`.distill`: the optional token-level KL to the teacher (shared vocabulary only).
 """
 
 from lightning_peft.tasks.examples import ExamplesDataModule
+from lightning_peft.transfer.config import StudentConfig, TransferConfig, adapter_fingerprint
 from lightning_peft.transfer.discriminator import (
     TransLoRADiscriminator,
     discriminator_accuracy,
@@ -26,15 +29,9 @@ from lightning_peft.transfer.models import (
     greedy_completions,
     sample_candidates,
 )
-from lightning_peft.transfer.pipeline import (
-    SynthesisShortError,
-    TransferConfig,
-    adapter_fingerprint,
-    fitting_seeds,
-    synthesize,
-    train_student,
-)
+from lightning_peft.transfer.pipeline import SynthesisShortError, fitting_seeds, synthesize
 from lightning_peft.transfer.provenance import FORMAT_VERSION, ProvenanceMismatchError, SyntheticSet
+from lightning_peft.transfer.student import train_student
 from lightning_peft.transfer.synthesis import (
     Deduplicator,
     SeedFormat,
@@ -52,6 +49,7 @@ __all__ = [
     "FilterResult",
     "ProvenanceMismatchError",
     "SeedFormat",
+    "StudentConfig",
     "SynthesisShortError",
     "SyntheticSet",
     "TransLoRADiscriminator",

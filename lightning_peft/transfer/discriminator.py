@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from lightning_peft.adapter_folder import AdapterRecord
 from lightning_peft.adapter_io import save_adapter
 from lightning_peft.methods.lora import LoRA
 from lightning_peft.module import CausalLMModule
@@ -109,11 +110,12 @@ class TransLoRADiscriminator(L.Callback):
     (:func:`~lightning_peft.transfer.models.sample_candidates`), and trains the yes/no LoRA on the
     source base (:func:`train_discriminator`), recording the training set's size with it (the
     transfer's default ``num_synthetic``). The task data is needed only here, while it is still
-    available (Wang et al. 2024, section 3.1).
+    available (Wang et al. 2024, section 3.1). Its :attr:`record` hands the folder to
+    ``save_adapter(..., record=)``, which copies it into the adapter folder (``discriminator/``).
 
     Args:
-        out_dir: Where the discriminator adapter folder is written (convention:
-            ``{source_adapter}-discriminator``, where the transfer looks for it).
+        out_dir: Where the discriminator adapter folder is written (``lightning-peft train
+            experiment=translora_source``: ``adapter-discriminator`` beside the run's ``adapter``).
         task_name: Named in the prompts (default: the datamodule's ``task_name``).
         num_real: Real inputs used (and synthetic inputs made).
         num_seeds: Seeds shown to the source model when synthesising.
@@ -134,7 +136,6 @@ class TransLoRADiscriminator(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_peft.transfer.filtering import rejection_sample
         from lightning_peft.transfer.models import adapters_disabled, sample_candidates
-        from lightning_peft.upgrade.record import set_record
 
         dm = trainer.datamodule
         if not isinstance(dm, PromptCompletionDataModule):
@@ -156,4 +157,9 @@ class TransLoRADiscriminator(L.Callback):
         source = getattr(model, "name_or_path", None) or model.config._name_or_path
         size = {"train_size": len(dm.get_examples()["train"])}  # the transfer makes as many synthetic examples
         _, self.path = train_discriminator(source, real, fake, task, self.out_dir, metadata=size, **self.train_kwargs)
-        set_record(pl_module, discriminator=str(self.path))  # save_adapter copies it into the adapter folder
+
+    @property
+    def record(self) -> AdapterRecord | None:
+        """The discriminator as part of the adapter's record (``save_adapter(..., record=)`` copies it into the
+        adapter folder); ``None`` before it is trained."""
+        return AdapterRecord(discriminator=str(self.path)) if self.path is not None else None

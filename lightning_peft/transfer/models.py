@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -83,6 +84,12 @@ def _left_padded(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], devic
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerBase, **settings: Any) -> GenerationConfig:
+    """``settings`` plus the tokenizer's end and padding tokens (its end token where it has no padding)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **settings)
 
 
 def discriminator_examples(real: Sequence[str], synthetic: Sequence[str], task_name: str) -> list[Example]:
@@ -179,17 +186,12 @@ def sample_candidates(
     dedup = dedup if dedup is not None else Deduplicator(seeds)
     order_rng = torch.Generator().manual_seed(seed)
     dev = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _generation_config(tokenizer, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                max_new_tokens=max_new_tokens)
     fmt = SeedFormat(seeds if anchor_format else [])
     for b in range(max_batches):
-        prompts = []
-        for _ in range(batch_size):
-            perm = torch.randperm(len(seeds), generator=order_rng).tolist()
-            prompts.append(seed_list_prompt([seeds[i] for i in perm], task_name, opening=fmt.prefix))
+        prompts = [seed_list_prompt([seeds[i] for i in torch.randperm(len(seeds), generator=order_rng).tolist()],
+                                    task_name, opening=fmt.prefix) for _ in range(batch_size)]
         ids, mask = _left_padded(tokenizer, prompts, dev)
         with _eval_mode(model):
             torch.manual_seed(seed * 100_003 + b)
@@ -217,9 +219,7 @@ def greedy_completions(
 ) -> list[str]:
     """The teacher's completions: greedy decoding of each prompt, special tokens dropped."""
     dev = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                              eos_token_id=tokenizer.eos_token_id)
+    config = _generation_config(tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
     texts: list[str] = []
     with _eval_mode(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc="teacher labels", disable=not progress):

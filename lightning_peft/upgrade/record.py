@@ -2,13 +2,14 @@
 
 Trans-LoRA (Wang et al., NeurIPS 2024, section 3) needs, besides the adapter, only a handful of
 real task inputs (5 in the paper) and, to filter synthetic inputs, a discriminator trained while
-the data was still there. :class:`UpgradeRecord` collects them at the end of ``fit`` and
-:func:`lightning_peft.save_adapter` writes them into the adapter folder::
+the data was still there. :class:`UpgradeRecord` collects them at the end of ``fit`` as an
+:class:`~lightning_peft.adapter_folder.AdapterRecord`, and ``save_adapter(..., record=...)`` writes it
+into the adapter folder (``upgrade.json`` and ``discriminator/``, see
+:class:`~lightning_peft.adapter_folder.AdapterFolder`)::
 
-    adapter/
-        adapter_config.json, adapter_model.safetensors   (peft's files, unchanged)
-        upgrade.json            {"task", "seeds", "train_size", "task_kwargs", "base"}
-        discriminator/          (when trained with TransLoRADiscriminator: its peft folder)
+    recorder = lp.UpgradeRecord(num_seeds=5)
+    trainer = L.Trainer(callbacks=[lp.LoRA(r=8), recorder]); trainer.fit(module, datamodule)
+    lp.save_adapter(module, "adapter", record=AdapterRecord.from_callbacks(trainer.callbacks))
 
 ``seeds`` may be empty (``num_seeds=0`` for private data); an upgrade then only has the direct
 route. Plain peft loads the folder as before: it reads only its own two files.
@@ -16,10 +17,8 @@ route. Plain peft loads the folder as before: it reads only its own two files.
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import os
+import warnings
 from typing import Any
 
 import lightning as L
@@ -27,84 +26,28 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-__all__ = ["DISCRIMINATOR_DIR", "RECORD_ATTR", "RECORD_FILE", "AdapterRecord", "UpgradeRecord", "read_record",
-           "set_record", "write_record"]
+from lightning_peft.adapter_folder import AdapterFolder, AdapterRecord
 
-RECORD_FILE = "upgrade.json"
-DISCRIMINATOR_DIR = "discriminator"
-RECORD_ATTR = "lightning_peft_record"  # the module attribute save_adapter picks the record up from
-
-
-@dataclass
-class AdapterRecord:
-    """What :func:`read_record` returns.
-
-    Attributes:
-        task: Task name (the Trans-LoRA prompts name it; a ``lightning_peft.tasks`` name when it is one).
-        seeds: Real task inputs (prompts only, never completions).
-        train_size: Training examples the adapter saw (Trans-LoRA's default synthetic-set size).
-        task_kwargs: Task settings a student needs (``max_length``).
-        base: The base the adapter was trained on, as its user named it (zoo name, folder, Hub name).
-        discriminator: The discriminator folder inside the adapter folder, if any.
-    """
-
-    task: str | None = None
-    seeds: list[str] = field(default_factory=list)
-    train_size: int | None = None
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    base: str | None = None
-    discriminator: str | None = None
-
-
-def set_record(module: nn.Module, **facts: Any) -> dict[str, Any]:
-    """Add ``facts`` to the record ``module`` carries until :func:`~lightning_peft.save_adapter` writes it."""
-    record = dict(getattr(module, RECORD_ATTR, None) or {})
-    record.update({k: v for k, v in facts.items() if v is not None})
-    object.__setattr__(module, RECORD_ATTR, record)  # plain attribute, not a submodule or a buffer
-    return record
-
-
-def write_record(folder: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` into an adapter folder being saved: ``upgrade.json`` and a copy of its discriminator.
-
-    Raises:
-        FileNotFoundError: the record names a discriminator folder that does not exist.
-    """
-    facts = {k: v for k, v in record.items() if k != "discriminator"}
-    disc = record.get("discriminator")
-    if disc:
-        if not (Path(disc) / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"the adapter's record names the discriminator {disc!r}, which holds no adapter_config.json; "
-                "train it with TransLoRADiscriminator, or drop it from the record"
-            )
-        shutil.copytree(disc, folder / DISCRIMINATOR_DIR)
-    (folder / RECORD_FILE).write_text(json.dumps(facts, indent=2) + "\n")
-
-
-def read_record(folder: str | Path) -> AdapterRecord:
-    """The record of an adapter folder (an empty one when it carries none: saved by plain peft or before)."""
-    folder = Path(folder)
-    path = folder / RECORD_FILE
-    facts = json.loads(path.read_text()) if path.is_file() else {}
-    known = {k: facts[k] for k in asdict(AdapterRecord()) if k in facts and k != "discriminator"}
-    disc = folder / DISCRIMINATOR_DIR
-    return AdapterRecord(**known, discriminator=str(disc) if (disc / "adapter_config.json").is_file() else None)
+__all__ = ["AdapterRecord", "UpgradeRecord", "read_record", "set_record"]
 
 
 class UpgradeRecord(L.Callback):
-    """Record the task, ``num_seeds`` real seed inputs and the training-set size with the adapter.
+    """Record the task, ``num_seeds`` real seed inputs and the training-set size of the adapter being trained.
 
-    ``Trainer(callbacks=[lp.LoRA(r=8), lp.UpgradeRecord(num_seeds=5)])``; ``lightning-peft train``
-    adds it by default (``callbacks.upgrade_record.num_seeds``). At the end of ``fit`` it reads the
-    datamodule (a ``lightning_peft.tasks`` datamodule: its ``task_name``, training prompts and
-    ``max_length``) and leaves the record on the LightningModule, where
-    :func:`lightning_peft.save_adapter` writes it; a ``TransLoRADiscriminator`` adds its folder to
-    the same record. ``num_seeds=0`` records the task but no inputs (private data).
+    ``Trainer(callbacks=[lp.LoRA(r=8), recorder := lp.UpgradeRecord(num_seeds=5)])``; after ``fit``,
+    ``save_adapter(module, path, record=recorder.record)`` writes it (``lightning-peft train`` adds the
+    callback by default, ``callbacks.upgrade_record.num_seeds``, and passes the record). At the end of
+    ``fit`` it reads the datamodule (a ``lightning_peft.tasks`` datamodule: its ``task_name``, training
+    prompts and ``max_length``); a ``TransLoRADiscriminator`` records its folder beside it
+    (:meth:`AdapterRecord.from_callbacks` merges both). ``num_seeds=0`` records the task but no inputs
+    (private data).
 
     Args:
         num_seeds: Real training inputs to keep (Trans-LoRA's seed set: 5 in the paper).
         task_name: Overrides the datamodule's ``task_name``.
+
+    Attributes:
+        record: What was recorded (``None`` before the end of ``fit``).
 
     Raises:
         ValueError: ``num_seeds`` is negative or not an integer.
@@ -114,6 +57,7 @@ class UpgradeRecord(L.Callback):
         if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 0:
             raise ValueError(f"UpgradeRecord num_seeds must be an integer >= 0, got {num_seeds!r}; e.g. 5 (0: no inputs)")
         self.num_seeds, self.task_name = num_seeds, task_name
+        self.record: AdapterRecord | None = None
 
     @override
     @rank_zero_only
@@ -124,8 +68,25 @@ class UpgradeRecord(L.Callback):
         hparams = getattr(pl_module, "hparams", {}) or {}
         base = hparams.get("model") if isinstance(hparams.get("model"), str) else None
         if not isinstance(dm, PromptCompletionDataModule):
-            set_record(pl_module, task=self.task_name, base=base)
+            self.record = AdapterRecord(task=self.task_name, base=base)
             return
         train = dm.get_examples()["train"]
-        set_record(pl_module, task=self.task_name or dm.task_name, seeds=[e.prompt for e in train[: self.num_seeds]],
-                   train_size=len(train), task_kwargs={"max_length": dm.max_length}, base=base)
+        self.record = AdapterRecord(task=self.task_name or dm.task_name, seeds=[e.prompt for e in train[: self.num_seeds]],
+                                    train_size=len(train), task_kwargs={"max_length": dm.max_length}, base=base)
+
+
+def read_record(folder: str | os.PathLike[str]) -> AdapterRecord:
+    """Deprecated alias of ``AdapterFolder(folder).record`` (kept for one release)."""
+    warnings.warn("read_record(folder) is deprecated: use lightning_peft.AdapterFolder(folder).record",
+                  DeprecationWarning, stacklevel=2)
+    return AdapterFolder(folder).record
+
+
+def set_record(module: nn.Module, **facts: Any) -> AdapterRecord:
+    """Deprecated (kept for one release): ``save_adapter`` no longer reads a record from the module.
+
+    Returns the record the facts make; pass it on: ``save_adapter(module, path, record=AdapterRecord(**facts))``.
+    """
+    warnings.warn("set_record(module, ...) is deprecated and no longer attaches the record to the module: pass "
+                  "save_adapter(module, path, record=AdapterRecord(...)) instead", DeprecationWarning, stacklevel=2)
+    return AdapterRecord(**facts)

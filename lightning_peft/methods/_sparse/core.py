@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore, sparse_delta_linear
+from lightning_peft.deltas import MergeStack, SparseTerm, WeightCopy
+from lightning_peft.kernels import SparseIndex, sparse_delta_linear
 from lightning_peft.methods._sparse.mask import dense_fallback_density
 
 __all__ = ["SparseDeltaCore"]
@@ -50,7 +51,7 @@ class SparseDeltaCore:
     def init_sparse_core(self) -> None:
         """Call once in the layer's ``__init__``."""
         self._union: dict[tuple, tuple[SparseIndex, list[torch.Tensor]]] = {}
-        self._merge_saved: list[tuple[SparseIndex | None, torch.Tensor]] = []
+        self._merges = MergeStack()  # the same exact undo stack AdapterBank switches adapters with
 
     def forget_masks(self) -> None:
         """Drop cached unions (an index was replaced: ``set_mask``, a state-dict load, a new adapter)."""
@@ -113,23 +114,16 @@ class SparseDeltaCore:
     @torch.no_grad()
     def push_sparse_merge(self, index: SparseIndex, values: torch.Tensor, use_triton: bool | None = None) -> None:
         """``W[index] += values`` in place, saving the ``nnz`` overwritten originals for :meth:`pop_merges`."""
-        w = self.base_weight_out_in().data
-        self._merge_saved.append((index, scatter_add(w, index, values.detach(), 1.0, use_triton=use_triton)))
+        self._merges.push(SparseTerm(index, values.detach()), self.base_weight_out_in().data, use_triton=use_triton)
 
     @torch.no_grad()
     def push_weight_copy(self) -> torch.Tensor:
         """Save a full copy of ``W`` for :meth:`pop_merges` (before a dense change); returns ``W.data`` ``(out, in)``."""
         w = self.base_weight_out_in().data
-        self._merge_saved.append((None, w.clone()))
+        self._merges.push(WeightCopy(), w)
         return w
 
     @torch.no_grad()
     def pop_merges(self, use_triton: bool | None = None) -> None:
         """Undo every pushed merge in reverse order: ``W`` gets its original bits back."""
-        w = self.base_weight_out_in().data
-        while self._merge_saved:
-            index, saved = self._merge_saved.pop()
-            if index is None:
-                w.copy_(saved)
-            else:
-                scatter_restore(w, index, saved, use_triton=use_triton)
+        self._merges.pop_all(use_triton=use_triton, weight=self.base_weight_out_in().data)

@@ -9,6 +9,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lightning_peft.callback import AdapterCallback
+from lightning_peft.deltas import LowRankTerm, lora_scale
 from lightning_peft.methods.lora.config import LoRAConfig
 from lightning_peft.registry import register_method
 
@@ -17,8 +18,6 @@ __all__ = ["LoRA", "LoRAConfig"]
 
 def bank_deltas(layer: nn.Module, adapter: str) -> list[Any]:
     """AdapterBank's view of a peft LoRA layer: one low-rank term."""
-    from lightning_peft.bank import LowRankTerm
-
     if adapter not in layer.lora_A:
         return []
     return [LowRankTerm(layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone(),
@@ -27,8 +26,6 @@ def bank_deltas(layer: nn.Module, adapter: str) -> list[Any]:
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
     """AdapterBank's view of one weight in a LoRA folder (``lora_A.weight``, ``lora_B.weight``)."""
-    from lightning_peft.bank import LowRankTerm, lora_scale
-
     a, b = parts["lora_A.weight"], parts["lora_B.weight"]
     return [LowRankTerm(a, b, lora_scale(config, a.shape[0]), bool(config.fan_in_fan_out))]
 

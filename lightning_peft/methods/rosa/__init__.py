@@ -30,10 +30,11 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from lightning_peft._deprecated import deprecated_names
 from lightning_peft.callback import AdapterCallback
-from lightning_peft.kernels import SparseIndex
+from lightning_peft.deltas import LowRankTerm, lora_scale, sparse_term
 from lightning_peft.methods._sparse import random_mask, topk_mask
-from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, MaskCriterion, RoSAConfig, RosaConfig
+from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, MaskCriterion, RoSAConfig, RosaPeftConfig
 from lightning_peft.methods.rosa.layer import RosaLayer
 from lightning_peft.methods.rosa.mask import (
     GradientCollector,
@@ -43,7 +44,7 @@ from lightning_peft.methods.rosa.model import RosaModel, register
 from lightning_peft.optim import split_param_groups
 from lightning_peft.registry import register_method
 
-__all__ = ["RoSA", "RoSAConfig", "RosaConfig", "RosaLayer", "RosaModel", "SparseRoSA"]
+__all__ = ["RoSA", "RoSAConfig", "RosaLayer", "RosaModel", "RosaPeftConfig", "SparseRoSA"]
 
 log = logging.getLogger(__name__)
 register()  # peft learns the "ROSA" type: PeftModel.from_pretrained can load RoSA folders
@@ -52,8 +53,6 @@ register()  # peft learns the "ROSA" type: PeftModel.from_pretrained can load Ro
 def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
     """AdapterBank's view of a RoSA layer: the sparse ``S`` (once its mask exists) and the LoRA ``s B A``, both in
     the base weight's own layout (``(in, out)`` for ``Conv1D``)."""
-    from lightning_peft.bank import LowRankTerm
-
     if adapter not in layer.rosa_values:
         return []
     terms: list[Any] = []
@@ -70,15 +69,11 @@ def bank_deltas(layer: RosaLayer, adapter: str) -> list[Any]:
 def _sparse_in_weight_layout(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                              transposed: bool, path: str) -> Any:
     """RoSA's ``(out, in)`` positions as a term on the stored weight (``shape``; ``(in, out)`` if ``transposed``)."""
-    from lightning_peft.bank import sparse_term
-
     return sparse_term(torch.stack([col, row] if transposed else [row, col]), values, shape, path)
 
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
     """AdapterBank's view of one weight in a RoSA folder (``rosa_values/row/col``, ``rosa_A/B``)."""
-    from lightning_peft.bank import LowRankTerm, lora_scale
-
     terms: list[Any] = []
     row, col = parts["rosa_row"], parts["rosa_col"]
     if row.numel() and int(row[0]) >= 0:  # -1: the mask was never built
@@ -88,7 +83,11 @@ def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], pat
     return terms
 
 
-@register_method("rosa", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas, bank_tensors=bank_tensors)
+_CHECKPOINT_CODEC = {"encode_checkpoint": RosaLayer.encode_index_state, "decode_checkpoint": RosaLayer.decode_index_state}
+
+
+@register_method("rosa", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas, bank_tensors=bank_tensors,
+                 **_CHECKPOINT_CODEC)
 class RoSA(AdapterCallback):
     """Add RoSA adapters (``Delta W = s B A + S``) to any LightningModule.
 
@@ -152,15 +151,14 @@ class RoSA(AdapterCallback):
         )
         self._collectors: dict[str, GradientCollector] = {}
         self._pending_collectors: dict[str, dict[str, Any]] = {}
-        self._pending_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._module: L.LightningModule | None = None
         self._layers: dict[str, RosaLayer] | None = None
         if r == 0 and warmup_steps:
             log.info("RoSA r=0 (sparse-only): warmup_steps=%d ignored, the mask comes from step 0", warmup_steps)
 
-    def to_peft_config(self, target_names: list[str]) -> RosaConfig:
+    def to_peft_config(self, target_names: list[str]) -> RosaPeftConfig:
         c = self.config
-        return RosaConfig(
+        return RosaPeftConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.use_rslora, density=c.density,
             target_modules=target_names,
         )
@@ -205,9 +203,6 @@ class RoSA(AdapterCallback):
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.masks_ready():
-            return
-        self._apply_pending_masks()
         if self.masks_ready():
             return
         step, c = trainer.global_step, self.config
@@ -299,14 +294,6 @@ class RoSA(AdapterCallback):
         A.copy_((torch.rand(A.shape, generator=g, dtype=torch.float32) * 2 - 1).mul_(bound).to(A))
         B.zero_()
 
-    def _apply_pending_masks(self) -> None:
-        name = self.config.adapter_name
-        for layer_name, layer in self.layers().items():
-            if layer_name in self._pending_masks and not layer.mask_ready(name):
-                row, col = self._pending_masks.pop(layer_name)
-                w = layer.base_weight_out_in()
-                layer.set_mask(name, SparseIndex(row.to(w.device), col.to(w.device), (w.shape[0], w.shape[1])))
-
     # ------------------------------------------------------------------ param groups
     def _split_param_groups(self, trainer: L.Trainer) -> None:
         c, name = self.config, self.config.adapter_name
@@ -346,11 +333,10 @@ class RoSA(AdapterCallback):
         super().load_state_dict(state_dict)
         self._collectors.clear()
         self._pending_collectors = dict(state_dict.get("collectors", {}))
-        self._pending_masks = dict(state_dict.get("masks", {}))
 
 
 @register_method("rosa_sparse", peft_type="ROSA", layer_classes=(RosaLayer,), prefix="rosa_", bank_deltas=bank_deltas,
-                 bank_tensors=bank_tensors)
+                 bank_tensors=bank_tensors, **_CHECKPOINT_CODEC)
 class SparseRoSA(RoSA):
     """Sparse-only RoSA (``r = 0``), the paper's "SpA" baseline; registered as ``rosa_sparse``.
 
@@ -362,3 +348,6 @@ class SparseRoSA(RoSA):
 
     def __init__(self, r: int = 0, density: float = 0.012, sparse_lr_ratio: float = 1.0, **kwargs: Any) -> None:
         super().__init__(r=r, density=density, sparse_lr_ratio=sparse_lr_ratio, **kwargs)
+
+
+__getattr__ = deprecated_names(__name__, {"RosaConfig": (RosaPeftConfig, "RosaPeftConfig")})

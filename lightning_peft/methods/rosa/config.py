@@ -2,11 +2,16 @@
 
 Two configs, one per layer of the design:
 
-* :class:`RoSAConfig` -- the callback's typed dataclass (mirrored by ``conf/method/rosa.yaml``):
-  adapter shape *and* the training schedule (warm-up, mask collection, learning rates).
-* :class:`RosaConfig` -- the peft ``PeftConfig`` written to ``adapter_config.json``: only what
-  is needed to rebuild the layers (``r``, ``alpha``, ``density``...), so a plain
+* :class:`RoSAConfig` -- the callback's typed dataclass (mirrored by ``conf/method/rosa.yaml``), like
+  ``LoRAConfig`` and ``SHiRAConfig``: adapter shape *and* the training schedule (warm-up, mask
+  collection, learning rates).
+* :class:`RosaPeftConfig` -- the peft ``PeftConfig`` of the adapter folder (``adapter_config.json``):
+  only what is needed to rebuild the layers (``r``, ``alpha``, ``density``...), so a plain
   ``PeftModel.from_pretrained`` can load a RoSA adapter once ``lightning_peft`` is imported.
+  (Its old name ``RosaConfig`` is kept for one release.)
+
+peft 0.21's ``register_peft_method`` only accepts names already in its closed ``PeftType`` enum
+(``peft/utils/peft_types.py``), so ``ROSA`` is added to the enum here, before any config exists.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
+from lightning_peft._deprecated import deprecated_names
 from lightning_peft.config import AdapterConfig, check_number
 from lightning_peft.methods._sparse.mask import check_density
 
@@ -23,6 +30,23 @@ MaskCriterion = Literal["fisher", "mean", "weight_magnitude", "random"]
 MASK_CRITERIA: tuple[str, ...] = ("fisher", "mean", "weight_magnitude", "random")
 # criteria whose statistic comes from gradients collected during `mask_steps` optimizer steps
 GRADIENT_CRITERIA: tuple[str, ...] = ("fisher", "mean")
+
+
+def _peft_type(name: str) -> PeftType:
+    """``PeftType[name]``, adding the member to peft's closed enum if it is not there yet."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType  # type: ignore[attr-defined]
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+ROSA_PEFT_TYPE = _peft_type("ROSA")
 
 
 def _check_r_density(who: str, r: object, density: object) -> None:
@@ -131,7 +155,7 @@ class RoSAConfig(AdapterConfig):
 
 
 @dataclass
-class RosaConfig(PeftConfig):
+class RosaPeftConfig(PeftConfig):
     """peft config of a RoSA adapter (``peft_type="ROSA"``, registered on ``import lightning_peft``).
 
     Attributes:
@@ -157,11 +181,12 @@ class RosaConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from lightning_peft.methods.rosa.model import ROSA_PEFT_TYPE  # registered before any config exists
-
         self.peft_type = ROSA_PEFT_TYPE
-        _check_r_density("RosaConfig", self.r, self.density)
+        _check_r_density("RosaPeftConfig", self.r, self.density)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+
+__getattr__ = deprecated_names(__name__, {"RosaConfig": (RosaPeftConfig, "RosaPeftConfig")})

@@ -100,7 +100,7 @@ class RosaLayer(BaseTunerLayer, SparseDeltaCore):
         use_rslora: bool = False, inference_mode: bool = False,
     ) -> None:
         """Add adapter ``adapter_name`` with all tensors at their final size (``r``, ``density``: checked by
-        :class:`~lightning_peft.methods.rosa.config.RosaConfig`)."""
+        :class:`~lightning_peft.methods.rosa.config.RosaPeftConfig`)."""
         self.r[adapter_name] = r
         self.density[adapter_name] = float(density)
         self.scaling[adapter_name] = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0

@@ -1,9 +1,8 @@
 """peft tuner of RoSA, registered with peft when ``lightning_peft`` is imported.
 
-peft 0.21's ``register_peft_method`` only accepts names already in its closed ``PeftType`` enum
-(``peft/utils/peft_types.py``), so ``ROSA`` is added to the enum first. After that ``inject_adapter_in_model``,
+Once registered (its ``PeftType`` member ``ROSA`` is added in :mod:`.config`), ``inject_adapter_in_model``,
 ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work with
-:class:`~lightning_peft.methods.rosa.config.RosaConfig`; the index buffers are persistent, so a
+:class:`~lightning_peft.methods.rosa.config.RosaPeftConfig`; the index buffers are persistent, so a
 saved folder holds the masks.
 """
 
@@ -12,31 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import PeftType, register_peft_method
+from peft.utils import register_peft_method
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lightning_peft.methods.rosa.config import ROSA_PEFT_TYPE, RosaPeftConfig
 from lightning_peft.methods.rosa.layer import Linear, RosaLayer
 
 __all__ = ["ROSA_PEFT_TYPE", "RosaModel"]
-
-
-def _peft_type(name: str) -> PeftType:
-    """``PeftType[name]``, adding the member to peft's closed enum if it is not there yet."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_, member._value_ = name, name
-    member.__objclass__ = PeftType  # type: ignore[attr-defined]
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)
-    return member
-
-
-ROSA_PEFT_TYPE = _peft_type("ROSA")
 
 
 class RosaModel(BaseTuner):
@@ -81,7 +64,5 @@ def register() -> None:
     """Register RoSA with peft (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    from lightning_peft.methods.rosa.config import RosaConfig
-
     if ROSA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
-        register_peft_method(name="rosa", config_cls=RosaConfig, model_cls=RosaModel, prefix="rosa_")
+        register_peft_method(name="rosa", config_cls=RosaPeftConfig, model_cls=RosaModel, prefix="rosa_")

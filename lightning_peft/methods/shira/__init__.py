@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import check_resumed_config
+from lightning_peft.deltas import SparseTerm, sparse_term
 from lightning_peft.kernels import SparseIndex
 from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
@@ -62,8 +63,6 @@ class _MaskLookup:
 
 def bank_deltas(layer: ShiraLinear, adapter: str) -> list[Any]:
     """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied)."""
-    from lightning_peft.bank import SparseTerm
-
     if adapter not in layer.shira_weight:
         return []
     return [SparseTerm(layer.sparse_index(adapter), layer.sparse_values(adapter).detach().clone())]
@@ -71,13 +70,12 @@ def bank_deltas(layer: ShiraLinear, adapter: str) -> list[Any]:
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
     """AdapterBank's view of one weight in a SHiRA folder (peft's padded ``shira_weight``/``shira_indices``)."""
-    from lightning_peft.bank import sparse_term
-
     return [sparse_term(parts["shira_indices"], parts["shira_weight"], shape, path)]
 
 
 @register_method("shira", layer_classes=(ShiraLinear,), prefix="shira_", injection_context=shira_layer_class,
-                 bank_deltas=bank_deltas, bank_tensors=bank_tensors)
+                 bank_deltas=bank_deltas, bank_tensors=bank_tensors, encode_checkpoint=ShiraLinear.encode_index_state,
+                 decode_checkpoint=ShiraLinear.decode_index_state)
 class SHiRA(AdapterCallback):
     """Add SHiRA adapters to any LightningModule: ``Trainer(callbacks=[SHiRA(density=0.01)])``.
 
@@ -131,8 +129,7 @@ class SHiRA(AdapterCallback):
     def inject(self, module: nn.Module) -> nn.Module:
         self._module = module
         try:
-            with shira_layer_class():
-                super().inject(module)
+            super().inject(module)  # inside the registry's injection context: peft builds ShiraLinear
         finally:
             self._module = None
         check_shira_layers(module.modules())

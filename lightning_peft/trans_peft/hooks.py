@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.methods.trans_peft.ffn import FFNSite, out_features
+from lightning_peft.ffn_sites import FFNSite, out_features
 
 _MASK64 = (1 << 64) - 1
 

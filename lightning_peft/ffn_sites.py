@@ -1,4 +1,4 @@
-"""Find the FFN sub-blocks of a transformer: where Trans-PEFT masks and what it skips.
+"""Find the FFN sub-blocks of a transformer: where Trans-PEFT masks and what it skips, what the drift analysis compares.
 
 An :class:`FFNSite` is one decoder layer's FFN:
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+__all__ = ["FFNSite", "NoFFNFoundError", "find_ffn_sites", "out_features"]
 
 _LINEAR = (nn.Linear, Conv1D)
 

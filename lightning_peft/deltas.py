@@ -1,0 +1,183 @@
+"""Weight deltas as terms, and the one stack that undoes them exactly.
+
+An adapter's change of one frozen weight ``W`` is a sum of *terms*; :class:`AdapterBank
+<lightning_peft.bank.AdapterBank>` switches adapters by applying and restoring them, and the
+sparse-delta layer core (:class:`~lightning_peft.methods._sparse.SparseDeltaCore`) merges its
+adapters the same way. A term is a small protocol (:class:`DeltaTerm`):
+
+=============  ==========================================================================
+``apply``      ``W += alpha * delta`` in place; returns what ``restore`` needs
+``restore``    undo one ``apply`` (bit-exact, except :class:`LowRankTerm` undone by subtraction)
+``dense``      the ``(rows, cols)`` delta as a dense tensor (analysis, fusion statistics)
+``to``         the same term on another device
+``shape``      the ``(rows, cols)`` of the weight it is made for
+=============  ==========================================================================
+
+Terms here: :class:`SparseTerm` (``W[index] += values``: SHiRA, RoSA's ``S``; its undo writes the
+``nnz`` saved originals back), :class:`LowRankTerm` (``W += scale * B @ A``: LoRA, RoSA's low-rank
+part; undone from a saved copy of ``W``, or by subtracting as peft's ``unmerge`` does) and
+:class:`WeightCopy` (no change: saves ``W`` before a caller changes it densely). :class:`MergeStack`
+keeps what each ``apply`` saved and restores in reverse order, so ``W`` comes back bit-exactly
+whatever was applied on top of what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lightning_peft.kernels import SparseIndex, scatter_add, scatter_restore
+
+__all__ = ["DeltaTerm", "LowRankTerm", "MergeStack", "SparseTerm", "WeightCopy", "lora_scale", "sparse_term"]
+
+
+class DeltaTerm(Protocol):
+    """One additive change of one weight (see the module docstring)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def apply(self, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
+              copy_undo: bool = True) -> Any: ...
+
+    def restore(self, weight: torch.Tensor, saved: Any, *, use_triton: bool | None = None) -> None: ...
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def to(self, device: torch.device | str) -> DeltaTerm: ...
+
+
+@dataclass(frozen=True)
+class SparseTerm:
+    """A sparse delta of one weight: ``W[index] += alpha * values`` (the method's scaling already applied)."""
+
+    index: SparseIndex
+    values: torch.Tensor  # (nnz,)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.index.shape)
+
+    def apply(self, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
+              copy_undo: bool = True) -> torch.Tensor:
+        """``scatter_add`` (fp32 sum, one rounding to ``W``'s dtype); returns the ``nnz`` overwritten originals."""
+        return scatter_add(weight, self.index, self.values, float(alpha), use_triton=use_triton)
+
+    def restore(self, weight: torch.Tensor, saved: torch.Tensor, *, use_triton: bool | None = None) -> None:
+        scatter_restore(weight, self.index, saved, use_triton=use_triton)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(self.index.shape, dtype=dtype, device=self.values.device)
+        out[self.index.row.long(), self.index.col.long()] = self.values.to(dtype)
+        return out
+
+    def to(self, device: torch.device | str) -> SparseTerm:
+        return SparseTerm(self.index.to(device), self.values.to(device))
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """A low-rank delta of one weight: ``W += scale * B @ A`` (transposed for fan_in_fan_out layers)."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+    transpose: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, inp = self.B.shape[0], self.A.shape[1]
+        return (inp, out) if self.transpose else (out, inp)
+
+    def apply(self, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
+              copy_undo: bool = True) -> tuple[torch.Tensor, bool]:
+        """A dense ``(out, in)`` GEMM and add over every element, rounded once to ``W``'s dtype.
+
+        With ``copy_undo`` the undo is a saved copy of ``W`` (bit-exact, one weight of memory), else
+        the delta itself is kept and subtracted (peft's ``unmerge``: ~1 ulp errors that accumulate).
+        """
+        delta = self.dense(torch.float32) * float(alpha)
+        saved = weight.clone() if copy_undo else delta
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        return saved, copy_undo
+
+    def restore(self, weight: torch.Tensor, saved: tuple[torch.Tensor, bool], *, use_triton: bool | None = None) -> None:
+        tensor, copied = saved
+        weight.copy_(tensor if copied else (weight.float() - tensor).to(weight.dtype))
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        d = (self.B.float() @ self.A.float()) * self.scale  # (out, in), the dense GEMM of a LoRA merge
+        return (d.T if self.transpose else d).to(dtype)
+
+    def to(self, device: torch.device | str) -> LowRankTerm:
+        return LowRankTerm(self.A.to(device), self.B.to(device), self.scale, self.transpose)
+
+
+@dataclass(frozen=True)
+class WeightCopy:
+    """No change: saves all of ``W`` so that a caller may then change it densely (restored from the copy)."""
+
+    def apply(self, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
+              copy_undo: bool = True) -> torch.Tensor:
+        return weight.clone()
+
+    def restore(self, weight: torch.Tensor, saved: torch.Tensor, *, use_triton: bool | None = None) -> None:
+        weight.copy_(saved)
+
+
+@dataclass
+class MergeStack:
+    """What each in-place change of a weight saved, undone in reverse order (:meth:`pop_all`)."""
+
+    entries: list[tuple[Any, torch.Tensor, Any]] = field(default_factory=list)  # (term, weight, saved)
+
+    def push(self, term: Any, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
+             copy_undo: bool = True) -> None:
+        """``term.apply`` on ``weight`` (in place), remembering what undoes it."""
+        self.entries.append((term, weight, term.apply(weight, alpha, use_triton=use_triton, copy_undo=copy_undo)))
+
+    def pop_all(self, *, use_triton: bool | None = None, weight: torch.Tensor | None = None) -> None:
+        """Undo every pushed change, last first: the weights get their original bits back.
+
+        Args:
+            use_triton: Scatter dispatch (``None``: Triton on CUDA, PyTorch on CPU).
+            weight: Restore onto this tensor instead of the one each change was applied to (a layer's one
+                weight, which may have moved since, e.g. by ``.to(device)``).
+        """
+        while self.entries:
+            term, applied_to, saved = self.entries.pop()
+            term.restore(applied_to if weight is None else weight, saved, use_triton=use_triton)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def sparse_term(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], path: str) -> SparseTerm:
+    """A :class:`SparseTerm` from ``(2, n)`` positions: exact zeros dropped (e.g. peft-format padding), sorted row-major.
+
+    Raises:
+        ValueError: an index lies outside ``shape`` (an adapter made for a larger weight).
+    """
+    keep = values != 0
+    idx, vals = indices[:, keep].long(), values[keep]
+    if idx.numel() and (int(idx[0].max()) >= shape[0] or int(idx[1].max()) >= shape[1]):
+        raise ValueError(
+            f"AdapterBank.add: the adapter's {path} indexes entries up to ({int(idx[0].max())}, {int(idx[1].max())}), "
+            f"outside this model's {shape[0]} x {shape[1]} weight; add adapters trained on this base"
+        )
+    flat = idx[0] * shape[1] + idx[1]
+    order = torch.argsort(flat)
+    return SparseTerm(SparseIndex.from_flat(flat[order], shape), vals[order].detach().clone())
+
+
+def lora_scale(config: Any, r: int) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of a LoRA folder's config.
+
+    Raises:
+        ValueError: per-module ranks or alphas (``rank_pattern``/``alpha_pattern``).
+    """
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise ValueError("AdapterBank reads LoRA folders with one r and alpha only (rank_pattern/alpha_pattern are set)")
+    return config.lora_alpha / (r**0.5 if config.use_rslora else r)

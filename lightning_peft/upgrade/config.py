@@ -1,0 +1,90 @@
+"""What a fleet upgrade is asked to do: :class:`UpgradeConfig`, mirrored by ``conf/upgrade.yaml``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_peft.transfer import StudentConfig
+from lightning_peft.upgrade.routes import ROUTES
+
+__all__ = ["UpgradeConfig"]
+
+
+@dataclass
+class UpgradeConfig:
+    """What to upgrade to what, and how; mirrored by ``conf/upgrade.yaml``.
+
+    Attributes:
+        adapters: Folder holding the adapter folders (searched recursively; discriminator folders
+            inside adapters are not adapters of their own).
+        new: The new base (zoo name, folder or Hub name).
+        old: The old base; default: what each adapter's record (or peft config) names.
+        out: Where the upgraded adapters go (one folder per adapter, named like its source path).
+        routes: Routes tried, in this order (names in :data:`~lightning_peft.upgrade.routes.ROUTES`:
+            ``direct``, ``translora``).
+        threshold: Agreement a route needs to be taken (calibrated on the zoo, see ``benchmarks/upgrade_fleet.py``).
+        max_kl: Also take a route whose token-level KL to the reference is at most this (nats per token;
+            same vocabulary only, so same-family updates; ``None``: agreement alone decides). On the zoo the
+            KL predicts real accuracy far better than the agreement does (``benchmarks/README.md``).
+        num_holdout: Held-out synthetic inputs the check scores on (besides the seeds).
+        num_synthetic: Synthetic examples a Trans-LoRA student trains on (default: the adapter's
+            recorded training-set size, capped at ``max_synthetic``).
+        max_synthetic: Cap of that default.
+        synthesis: Other :class:`~lightning_peft.transfer.TransferConfig` settings (``temperature``,
+            ``generator``, ``max_new_tokens``, ...).
+        student: Trans-LoRA student (:class:`~lightning_peft.transfer.StudentConfig` fields): ``method``
+            (default: the adapter's own), ``method_kwargs``, ``module_kwargs``, ``trainer_kwargs``, ``data_kwargs``.
+        max_new_tokens: Greedy budget of the agreement check.
+        keep_candidates: Also save every scored candidate, taken or not, to ``<out>/<name>/candidates/<route>``
+            (to inspect a rejected one, or to calibrate ``threshold`` against real test data).
+        redo_changed: Redo adapters upgraded into ``out`` before with other settings (default: refuse,
+            naming the settings that differ).
+        shard: This job's shard of the fleet, in ``[0, num_shards)`` (``None``: the whole fleet).
+        num_shards: How many shards the fleet is split into.
+        seed: Sampling seed.
+    """
+
+    adapters: str
+    new: str
+    old: str | None = None
+    out: str = "upgraded"
+    routes: list[str] = field(default_factory=lambda: list(ROUTES))
+    threshold: float = 0.8
+    max_kl: float | None = None
+    num_holdout: int = 16
+    num_synthetic: int | None = None
+    max_synthetic: int = 256
+    synthesis: dict[str, Any] = field(default_factory=dict)
+    student: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    keep_candidates: bool = False
+    redo_changed: bool = False
+    shard: int | None = None
+    num_shards: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.routes if r not in ROUTES]
+        if unknown or not self.routes:
+            raise ValueError(f"upgrade routes must be a non-empty list of {list(ROUTES)}, got {self.routes!r}; "
+                             "e.g. routes=[direct,translora]")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"upgrade threshold is an agreement in [0, 1], got {self.threshold!r}; e.g. threshold=0.8")
+        if self.max_kl is not None and not (isinstance(self.max_kl, (int, float)) and self.max_kl >= 0):
+            raise ValueError(f"upgrade max_kl is a KL in nats per token, >= 0 or null, got {self.max_kl!r}; e.g. max_kl=0.3")
+        if self.shard is not None and not (isinstance(self.num_shards, int) and 0 <= self.shard < self.num_shards):
+            raise ValueError(f"upgrade shard must be in [0, num_shards), got shard={self.shard!r} num_shards="
+                             f"{self.num_shards!r}; e.g. `-m shard=0,1,2,3 num_shards=4`")
+        for name in ("num_holdout", "max_synthetic"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"upgrade {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        StudentConfig.from_dict(self.student)  # unknown student settings fail here, naming the known ones
+
+    def settings(self) -> dict[str, Any]:
+        """What determines an adapter's upgrade (a finished one is reused only when these agree)."""
+        keep = asdict(self)
+        for volatile in ("adapters", "out", "shard", "num_shards", "redo_changed"):
+            keep.pop(volatile)
+        return json.loads(json.dumps(keep, sort_keys=True, default=str))
