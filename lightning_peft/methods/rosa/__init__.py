@@ -13,11 +13,9 @@ so the user's ``configure_optimizers`` sees all of them once and nothing is rebu
 masks appear: until then ``S`` is unused in the forward except for an exact zero term (so DDP
 sees every trainable parameter used), and its optimizer state is reset when the mask is built.
 
-Learning rates: ``lora_lr`` / ``sparse_lr`` split each of the user's param groups in
-``on_fit_start`` into (other, LoRA, sparse) groups that keep every other hyperparameter of the
-group (weight decay, betas, ...). LR schedulers attached to that optimizer are extended to the new
-groups: ``base_lrs`` take the new lrs and ``LambdaLR``/``MultiplicativeLR`` lambdas are copied from
-the group each part came from, so a warm-up/decay schedule applies to both parts as written.
+Learning rates: ``lora_lr`` / ``sparse_lr`` (or ``sparse_lr_ratio``) give the LoRA factors and the
+sparse values their own param groups inside the user's optimizer in ``on_fit_start``, every other
+hyperparameter and the LR schedule kept (:func:`lightning_peft.optim.split_param_groups`).
 """
 
 from __future__ import annotations
