@@ -25,7 +25,9 @@ batch 4 (600 of 777 sentences), tested on its 300 (greedy generations of up to 6
 3. ``report``: tables (mean ± std over seeds; tokens/s; peak memory) and a plot, in
    ``benchmarks/results/real_models.md`` / ``.png``, rows in ``results.csv``.
 
-Runs already in ``benchmarks/results/real_models.jsonl`` are skipped (a killed run resumes).
+Runs already in ``benchmarks/results/real_models.jsonl`` are skipped (a killed run resumes); a second
+worker started with the same command takes the runs the first has not claimed
+(``outputs/real_models/.claims``; delete it after killing the workers).
 
     python benchmarks/real_models.py sweep [--task sarcasm] [--lrs 2e-4,6e-4,2e-3]
     python benchmarks/real_models.py seeds [--seeds 0,1,2]
@@ -145,12 +147,20 @@ def launch(specs: list[dict[str, Any]]) -> None:
     have = done()
     todo = [s for s in specs if run_key(s["task"], s["method"], s["lr"], s["seed"]) not in have]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    claims = Path("outputs/real_models/.claims")  # several workers (`sweep` started twice) share the list
+    claims.mkdir(parents=True, exist_ok=True)
     for spec in tqdm(todo, desc="real-model runs", unit="run"):
         key = run_key(spec["task"], spec["method"], spec["lr"], spec["seed"])
+        claim = claims / key.replace("|", "_")
+        try:
+            claim.touch(exist_ok=False)
+        except FileExistsError:
+            continue  # another worker runs it
         spec = {**spec, "run_dir": str(Path("outputs/real_models") / key.replace("|", "_"))}
         proc = subprocess.run([sys.executable, __file__, "one", json.dumps(spec)], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode != 0 or not lines:
+            claim.unlink()
             tqdm.write(f"FAILED {spec}: {proc.stderr[-2000:]}")
             continue
         row = json.loads(lines[-1][4:])

@@ -271,3 +271,19 @@ def test_yaml_dataclass_and_callback_signature_agree(option: str) -> None:
         if option in DEFAULT_OPTIONS:
             same = raw[key] == pytest.approx(default) if isinstance(default, float) else raw[key] == default
             assert same, f"{option}: {key}={raw[key]!r} in YAML, {default!r} in {cls.config_cls.__name__}"
+
+
+def test_the_cpu_trainer_precision_of_each_model_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer=cpu takes the model group's `cpu_precision`: what benchmarks/cpu_precision.py's rule picks from its
+    recorded results (the fastest precision with float32 master weights whose losses are within fp32's spread)."""
+    bench = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    from cpu_precision import choose
+
+    chosen = choose(json.loads((bench / "results" / "cpu_precision.json").read_text()))
+    expected = {"llama": chosen["llama-v1"], "qwen2": chosen["llama-v1"], "gpt2": chosen["llama-v1"],  # the zoo
+                "smollm2": chosen["smollm2-135m"], "hf": chosen["smollm2-135m"]}  # real checkpoints
+    for model, precision in expected.items():
+        cfg = _compose([f"model={model}", *(["model.name_or_path=x"] if model == "hf" else [])])
+        assert cfg.trainer.precision == precision, model
+    assert chosen["smollm2-135m"] != "32-true"  # a real model trains faster in bf16 on this CPU (else drop the key)

@@ -191,9 +191,15 @@ def test_generation_metrics_against_hand_computed_values() -> None:
 
 @pytest.mark.slow
 def test_real_smollm2_fetches_converts_and_answers(real_registry: None) -> None:
-    folder = zoo.fetch("smollm2-135m")
-    source = json.loads((folder / "source.json").read_text())
-    assert source["parameters"] == 134_515_008 and source["gguf_sha256"].startswith("b179c952")
+    """`lightning-peft zoo fetch smollm2-135m` as the README types it, then the model answers a question."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "zoo", "fetch", "smollm2-135m"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0 and "134,515,008 parameters, bfloat16" in proc.stdout, proc.stderr[-2000:]
+    source = json.loads((zoo.fetched_dir("smollm2-135m") / "source.json").read_text())
+    assert source["gguf_sha256"].startswith("b179c952") and source["licence"].startswith("Apache-2.0")
     model, tokenizer = zoo.load("smollm2-135m", dtype=torch.float32)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")

@@ -332,7 +332,7 @@ def test_lightning_resume_sees_the_same_batches(tok, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- registry and errors
 def test_get_task_unknown_name_lists_the_closest_first() -> None:
-    assert set(TASKS) == {"arithmetic", "data2text", "hf_dataset", "sql"}
+    assert set(TASKS) == {"arithmetic", "data2text", "hf_dataset", "ner_finance", "sarcasm", "sql"}
     with pytest.raises(ValueError, match=r"got 'arithmatic'; available \(closest first\): arithmetic, ") as err:
         get_task("arithmatic", tokenizer="unused")
     assert "lightning_peft.tasks.TASKS" in str(err.value)

