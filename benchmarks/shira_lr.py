@@ -8,11 +8,13 @@
    over the same lr grid, SHiRA at its default ``lr_ratio=2.5``, and SHiRA at its default
    density budget (1%, 5,535 parameters: the fleet's and evolve's old comparison);
 2. ``tasks`` (arithmetic, sql, data2text at the CLI's lr 3e-3): LoRA, SHiRA ``lr_ratio=1`` and SHiRA
-   at the default ``lr_ratio=2.5``.
+   at the default ``lr_ratio=2.5``;
+3. ``evolve``: ``lightning-peft evolve`` (the Trans-PEFT protocol, its defaults: arithmetic, q/k/v/o,
+   150 steps, 3 seeds) with LoRA, SHiRA at an equal budget (``method.r=8``) and SHiRA at its default 1%.
 
 Writes ``benchmarks/results/shira_lr.{jsonl,md}``; runs already recorded are skipped.
 
-    OMP_NUM_THREADS=1 python benchmarks/shira_lr.py [sweep|tasks|report] [--seeds 0,1,2]
+    OMP_NUM_THREADS=1 python benchmarks/shira_lr.py [sweep|tasks|evolve|report] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ SWEEP = {"lora r=8": (1e-3, 3e-3, 1e-2, 3e-2), "shira r=8 lr_ratio=1": (3e-3, 1e
          "shira r=8 (default lr_ratio=2.5)": (3e-3, 1e-2), "shira density=1% (default budget)": (3e-3,)}
 TASK_ARMS = ("lora r=8", "shira r=8 lr_ratio=1", "shira r=8 (default lr_ratio=2.5)")
 TASKS = ("arithmetic", "sql", "data2text")
+EVOLVE = {"lora r=8": ["method=lora"], "shira r=8": ["method=shira", "method.r=8"],
+          "shira density=1% (default budget)": ["method=shira"]}
+ROWS = ("Fine-tune_o", "Direct transfer o->n", "Trans-PEFT o->n", "Fine-tune_n")
 
 
 def _key(arm: str, task: str, lr: float, seed: int) -> str:
@@ -67,8 +72,23 @@ def train(arm: str, task: str, lr: float, seed: int) -> None:
     print(f"{arm} {task} lr={lr:g} seed={seed}: {row['token_acc']:.4f}", flush=True)
 
 
+def evolve(arm: str) -> None:
+    if any(r.get("evolve") and r["arm"] == arm for r in _done().values()):
+        return
+    run_dir = Path("outputs/shira_lr") / re.sub(r"[^\w.-]+", "_", f"evolve {arm}")
+    args = [*EVOLVE[arm], "logger=none", f"hydra.run.dir={run_dir}"]
+    subprocess.run([sys.executable, "-m", "lightning_peft.cli", "evolve", *args], check=True, capture_output=True)
+    r = json.loads((run_dir / "results.json").read_text())
+    row = {"arm": arm, "task": "evolve arithmetic", "lr": 3e-3, "seed": -1, "evolve": True,
+           "token_acc": {k: [r["rows"][k]["test/token_acc"], r["rows_std"][k]["test/token_acc"]] for k in ROWS},
+           "recovery": r["recovery"]["test/token_acc"], "command": "lightning-peft evolve " + " ".join(args[:-1])}
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def report() -> str:
-    rows = list(_done().values())
+    rows = [r for r in _done().values() if not r.get("evolve")]
+    evolved = [r for r in _done().values() if r.get("evolve")]
     grid = sorted({r["lr"] for r in rows if r["task"] == "data2text"})
     lines = ["### data2text: test token accuracy by lr (llama-v1 zoo model, 300 steps, 3 seeds)", "",
              "| arm | trainable | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |", "|---|---:|" + "---:|" * len(grid)]
@@ -87,6 +107,12 @@ def report() -> str:
             em = [r["exact_match"] for r in got if r["exact_match"] is not None]
             cells.append(f"{mean_std(r['token_acc'] for r in got)} ({statistics.fmean(em):.2f})" if got else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if evolved:
+        lines += ["", "### lightning-peft evolve (arithmetic, llama-v1 -> llama-v2, q/k/v/o, 3 seeds): token accuracy", "",
+                  "| arm | " + " | ".join(ROWS) + " |", "|---|" + "---:|" * len(ROWS)]
+        for r in evolved:
+            lines.append(f"| {r['arm']} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in (r["token_acc"][k] for k in ROWS))
+                         + " |")
     text = "\n".join(lines) + "\n"
     RESULTS.with_suffix(".md").write_text(text)
     return text
@@ -94,7 +120,7 @@ def report() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=("sweep", "tasks", "report"))
+    ap.add_argument("phase", choices=("sweep", "tasks", "evolve", "report"))
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -104,6 +130,9 @@ def main() -> None:
             for arm, lrs in SWEEP.items():
                 for lr in lrs:
                     train(arm, "data2text", lr, seed)
+    elif args.phase == "evolve":
+        for arm in EVOLVE:
+            evolve(arm)
     elif args.phase == "tasks":
         for seed in seeds:
             for task in TASKS:

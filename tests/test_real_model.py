@@ -32,7 +32,7 @@ MODEL = "smollm2-135m"
 def _train_shira(task: str, seed: int, out: Path) -> Path:
     L.seed_everything(seed)
     module = CausalLMModule(MODEL, lr=5e-4)
-    dm = get_task(task, tokenizer=MODEL, batch_size=4, num_val=0, num_test=0, max_length=96)
+    dm = get_task(task, tokenizer=MODEL, batch_size=4, num_val=0, num_test=0)  # the task's own max_length
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, callbacks=[lp.SHiRA(r=8, mask="grad", calibration_batches=2, seed=seed)])
     trainer.fit(module, datamodule=dm)
