@@ -92,7 +92,7 @@ def test_drift_between_smollm2_and_itself_with_an_adapter(real_registry: None, t
 
 
 def test_trans_peft_finds_one_gated_ffn_per_smollm2_layer(real_registry: None) -> None:
-    from lightning_peft.methods.trans_peft.ffn import find_ffn_sites
+    from lightning_peft.ffn_sites import find_ffn_sites
 
     sites = find_ffn_sites(_base())
     assert len(sites) == 30 and all(s.kind == "gated" and s.name.endswith(".mlp") for s in sites)
