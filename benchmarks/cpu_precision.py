@@ -8,7 +8,7 @@ On the code path users run (``CausalLMModule`` + an adapter callback + ``lightni
    one method alternate run by run, twice (the same load on the machine for each); steps 5-12 of
    each run are timed (masks are built before).
 2. ``quality``: the final validation loss after ``--steps`` steps of LoRA and SHiRA on ``sarcasm``
-   (SmolLM2) and ``data2text`` (zoo) over 3 seeds per precision: a precision "trains as well as
+   (SmolLM2) and ``data2text`` (zoo) over 3 seeds per candidate precision (``32-true``, ``bf16-mixed``): a precision "trains as well as
    fp32" when its mean is within the seed spread (std) of fp32's.
 
     python benchmarks/cpu_precision.py [--phase speed|quality|both] [--steps 40] [--seeds 0,1,2]
@@ -101,7 +101,7 @@ def quality(models: list[str], steps: int, seeds: list[int]) -> list[dict[str, A
     results = []
     for model in models:
         for method in ("lora", "shira"):
-            for p in PRECISIONS:
+            for p in DEFAULT_CANDIDATES:
                 losses = [fit(model, method, p, steps, seed, val=True)["val_loss"] for seed in seeds]
                 results.append({"phase": "quality", "model": model, "method": method, "precision": p, "steps": steps,
                                 "val_loss": losses, "mean": statistics.fmean(losses), "std": statistics.pstdev(losses)})
@@ -118,7 +118,7 @@ def choose(results: list[dict[str, Any]]) -> dict[str, str]:
     Only precisions that keep float32 master weights are candidates (:data:`DEFAULT_CANDIDATES`):
     ``bf16-true`` stores the adapter and its AdamW state in bf16, so an update smaller than the
     weight's bf16 step (2^-8 of it: 8e-5 on a weight of 0.02) is lost, and short runs at the lr
-    measured here cannot show what it does at 2e-5 (Trans-LoRA's student lr). It is measured anyway.
+    measured here cannot show what it does at 2e-5 (Trans-LoRA's student lr). Its speed is measured anyway.
     """
     out = {}
     for model in sorted({r["model"] for r in results}):
