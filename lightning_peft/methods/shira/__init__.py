@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import check_resumed_config
-from lightning_peft.deltas import SparseTerm, sparse_term
+from lightning_peft.deltas import sparse_term
 from lightning_peft.kernels import SparseIndex
 from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
@@ -62,10 +62,12 @@ class _MaskLookup:
 
 
 def bank_deltas(layer: ShiraLinear, adapter: str) -> list[Any]:
-    """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied)."""
+    """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied), a tile term for a tile mask."""
     if adapter not in layer.shira_weight:
         return []
-    return [SparseTerm(layer.sparse_index(adapter), layer.sparse_values(adapter).detach().clone())]
+    index = layer.sparse_index(adapter)
+    values = layer.sparse_values(adapter).detach().clone()
+    return [sparse_term(torch.stack([index.row, index.col]), values, tuple(index.shape), "")]
 
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
