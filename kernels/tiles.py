@@ -1,6 +1,6 @@
 """Tile-structured sparse deltas: runs of ``b`` entries along a weight's contiguous dimension, moved whole.
 
-Why tiles (methods.md section 7; SMT, He et al., ICLR 2025, switches 256 x 256 blocks by writing
+Why tiles (SMT, Sparse Matrix Tuning, ICLR 2025, switches 256 x 256 blocks by writing
 ``weight[...]`` slices): a scattered 4-byte store touches its own 64-byte cache line (a 32-byte sector on
 a GPU), so an unstructured scatter moves ~17x the bytes of a contiguous copy of the same fp32 values. A
 run of ``b >= 16`` fp32 values fills a whole line, so writing a tile costs what a copy of it costs.

@@ -107,7 +107,7 @@ class SparseTerm:
 
 @dataclass(frozen=True)
 class TileTerm:
-    """A tile-structured sparse delta: ``W.view(-1, b)[tiles] += alpha * values`` (SMT, ICLR 2025, section 3).
+    """A tile-structured sparse delta: ``W.view(-1, b)[tiles] += alpha * values`` (as SMT, ICLR 2025, switches blocks).
 
     The positions are whole 1 x b runs along ``in`` (:mod:`lightning_peft.kernels.tiles`), so apply and
     restore move whole rows of a ``(-1, b)`` view: contiguous 64-256 byte runs instead of one cache line per

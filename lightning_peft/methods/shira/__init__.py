@@ -95,6 +95,8 @@ class SHiRA(AdapterCallback):
         use_triton: Sparse-kernel dispatch (``None``: Triton on CUDA, reference on CPU).
         lr_ratio: The values' lr as a multiple of the optimizer's (default 2.5, the paper's
             5e-4 : 2e-4 against LoRA; ``1.0`` keeps the optimizer's), see :class:`SHiRAConfig`.
+        tile: ``None`` (unstructured) or ``16``/``32``/``64``: entries in 1 x b tiles along ``in``,
+            switched by whole-tile copies in an ``AdapterBank`` (see :class:`SHiRAConfig`).
 
     Raises:
         ValueError: invalid config values (see :class:`SHiRAConfig`), or targets that are not
@@ -115,12 +117,13 @@ class SHiRA(AdapterCallback):
         adapter_name: str = "default",
         use_triton: bool | None = None,
         lr_ratio: float = 2.5,
+        tile: int | None = None,
     ) -> None:
         super().__init__(
             SHiRAConfig(
                 target_modules=target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name,
                 density=density, mask=mask, r=r, calibration_batches=calibration_batches, seed=seed,
-                use_triton=use_triton, lr_ratio=lr_ratio,
+                use_triton=use_triton, lr_ratio=lr_ratio, tile=tile,
             )
         )
         self._module: nn.Module | None = None
@@ -169,7 +172,7 @@ class SHiRA(AdapterCallback):
                 f"{' ...' if len(wrong) > 3 else ''}; target only nn.Linear modules (GPT-2's attention/MLP are "
                 "transformers Conv1D: use LoRA there) or exclude them with exclude_modules="
             )
-        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r) for n, m in bases.items()}
+        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r, c.tile) for n, m in bases.items()}
         r = c.r or max(math.ceil(budgets[n] / (m.in_features + m.out_features)) for n, m in bases.items())
         too_big = [n for n, m in bases.items() if r * (m.in_features + m.out_features) > m.in_features * m.out_features]
         if too_big:
@@ -181,7 +184,7 @@ class SHiRA(AdapterCallback):
         masks = {}
         for n, m in bases.items():
             kind = "random" if calibrate_later else c.mask  # placeholder until on_train_start
-            masks[id(m)] = build_mask(kind, m.weight, budgets[n], seed=c.seed, name=n)
+            masks[id(m)] = build_mask(kind, m.weight, budgets[n], seed=c.seed, name=n, tile=c.tile)
         cfg = ShiraConfig(r=r, mask_type="random", random_seed=c.seed, target_modules=target_names)
         cfg.mask_type = c.mask_name  # saved, so readers see which mask built the adapter
         cfg.mask_fn = _MaskLookup(masks)
@@ -255,7 +258,7 @@ class SHiRA(AdapterCallback):
             stats = [trainer.strategy.reduce(s, reduce_op="mean") for s in stats]
         for (name, layer), w, s in zip(layers.items(), weights, stats):
             nnz = layer.shira_nnz[c.adapter_name]
-            index = build_mask(c.mask, w, nnz, stats=s / len(batches), seed=c.seed, name=name)
+            index = build_mask(c.mask, w, nnz, stats=s / len(batches), seed=c.seed, name=name, tile=c.tile)
             layer.set_mask(c.adapter_name, index.to(w.device))
         self._calibrated = True
         log.info("SHiRA[%s]: %s masks from %d calibration batches", c.adapter_name, c.mask_name, len(batches))
