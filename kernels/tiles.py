@@ -8,7 +8,8 @@ run of ``b >= 16`` fp32 values fills a whole line, so writing a tile costs what 
 Layout. ``W`` is ``(out, in)``, row-major and contiguous, ``b`` divides ``in``. Tile ``t`` is the
 ``b`` flat positions ``t * b ... t * b + b - 1``, i.e. row ``t // (in / b)``, columns
 ``(t % (in / b)) * b + [0, b)``; ``W.view(-1, b)[t]`` is the tile. A tile delta is ``tiles`` ``(T,)``
-int32 (4 bytes per tile, ``4 / b`` per value) and ``values`` ``(T, b)``:
+int64 (8 bytes per tile, ``8 / b`` per value; PyTorch's CPU ``index_add_`` is ~5x slower with int32 indices,
+measured on a 11008 x 4096 weight) and ``values`` ``(T, b)``:
 
 ===============  =====================================================================  ==========
 op               what it does                                                           bytes moved
@@ -18,9 +19,11 @@ op               what it does                                                   
 ===============  =====================================================================  ==========
 
 ``S = T * b * itemsize``: a switch (restore the previous adapter, add the next) moves about ``7 S``,
-every byte in runs of ``b`` contiguous values (:func:`switch_bytes`). PyTorch's ``index_select`` /
-``index_add_`` / ``index_put_`` on rows of a ``(-1, b)`` view already run at copy speed on CPU and CUDA,
-so these ops need no Triton kernel; they are their own reference.
+every byte in runs of ``b`` contiguous values (:func:`switch_bytes`). The ops are PyTorch's row ops
+(``index_select`` / ``index_add_`` / ``index_copy_`` on a ``(-1, b)`` view), their own reference. Measured on
+one CPU thread (11008 x 4096 fp32 weight, 241k values): a switch takes 0.25 ms at b = 64, 0.37 ms at b = 32
+and 0.8 ms at b = 16: the writes land on random lines of a weight far larger than the cache, so fewer,
+longer runs win (``benchmarks/README.md``, "Tile-structured SHiRA").
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
 
     Args:
         weight: ``(out, in)`` contiguous; ``b = values.shape[1]`` divides ``in``.
-        tiles: ``(T,)`` int32/int64 tile numbers.
+        tiles: ``(T,)`` int64 tile numbers (int32 works, slower).
         values: ``(T, b)``.
         alpha: Scale of the delta.
     """
@@ -92,13 +95,13 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
     if values.dtype == weight.dtype:
         rows.index_add_(0, tiles, values, alpha=alpha)
     else:
-        rows.index_put_((tiles,), (saved.float() + float(alpha) * values.float()).to(weight.dtype))
+        rows.index_copy_(0, tiles.long(), (saved.float() + float(alpha) * values.float()).to(weight.dtype))
     return saved
 
 
 def tile_restore(weight: torch.Tensor, tiles: torch.Tensor, saved: torch.Tensor) -> None:
     """``W[tiles] = saved`` ``(T, b)``: undo one :func:`tile_add` bit-exactly."""
-    _tile_view(weight, saved.shape[1]).index_put_((tiles,), saved)
+    _tile_view(weight, saved.shape[1]).index_copy_(0, tiles.long(), saved)
 
 
 def switch_bytes(values: torch.Tensor, weight_itemsize: int) -> int:

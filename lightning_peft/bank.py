@@ -38,8 +38,8 @@ offsets (8 B; :meth:`~lightning_peft.kernels.SparseIndex.offsets`).
 
 Tile-structured adapters (SHiRA ``tile=b``: entries in 1 x b runs along ``in``) are held as
 :class:`~lightning_peft.deltas.TileTerm` s, chosen automatically from the positions
-(:func:`~lightning_peft.deltas.sparse_term`): one int32 per tile and ``(tiles, b)`` values, ``4 + 4 / b``
-bytes per fp32 entry (LoRA: 4 per parameter), and a switch gathers, adds and copies back whole tiles,
+(:func:`~lightning_peft.deltas.sparse_term`): one int64 per tile and ``(tiles, b)`` values, ``4 + 8 / b``
+bytes per fp32 entry (LoRA: 4 per parameter; 1.125x at b = 16), and a switch gathers, adds and copies back whole tiles,
 every byte in runs of ``4 b`` bytes, like a contiguous copy (SMT, ICLR 2025, switches blocks the same way).
 """
 

@@ -111,10 +111,11 @@ class TileTerm:
 
     The positions are whole 1 x b runs along ``in`` (:mod:`lightning_peft.kernels.tiles`), so apply and
     restore move whole rows of a ``(-1, b)`` view: contiguous 64-256 byte runs instead of one cache line per
-    entry. Held: ``4 / b`` bytes of index per value (int32 tile numbers) against a :class:`SparseTerm`'s 8-16.
+    entry. Held: ``8 / b`` bytes of index per value (int64 tile numbers, what the CPU row ops take fastest)
+    against a :class:`SparseTerm`'s 8-16.
     """
 
-    tiles: torch.Tensor  # (T,) int32 tile numbers, sorted
+    tiles: torch.Tensor  # (T,) int64 tile numbers, sorted
     values: torch.Tensor  # (T, b), the method's scaling applied
     shape: tuple[int, int]
 
@@ -132,7 +133,7 @@ class TileTerm:
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
-        out.view(-1, self.width)[self.tiles.long()] = self.values.to(dtype)
+        out.view(-1, self.width)[self.tiles] = self.values.to(dtype)
         return out
 
     def to(self, device: torch.device | str) -> TileTerm:
@@ -246,7 +247,7 @@ def sparse_term(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, i
         inside = torch.isin(flat, expand_tiles(tiles, b))  # padding outside the tiles holds zeros only
         pos = torch.searchsorted(tiles, flat[inside] // b) * b + flat[inside] % b
         grid[pos] = values[inside].detach()
-        return TileTerm(tiles.to(torch.int32), grid.view(-1, b), (int(shape[0]), int(shape[1])))
+        return TileTerm(tiles, grid.view(-1, b), (int(shape[0]), int(shape[1])))
     keep = values != 0
     flat, vals = flat[keep], values[keep]
     order = torch.argsort(flat)

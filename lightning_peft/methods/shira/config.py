@@ -47,7 +47,7 @@ class SHiRAConfig(AdapterConfig):
             along each weight's contiguous (input) dimension, chosen by the mask's score summed per tile
             (``random``: uniform tiles), ``nnz // tile`` tiles per layer (at least one): the same budget, or
             up to ``tile - 1`` entries less. An ``AdapterBank`` then switches the adapter by whole-tile
-            copies (SMT, ICLR 2025) and holds ``4 + 4 / tile`` bytes per fp32 entry. Every target's
+            copies (SMT, ICLR 2025) and holds ``4 + 8 / tile`` bytes per fp32 entry. Every target's
             ``in_features`` must be a multiple of ``tile``; ``struct`` masks cannot be tiled.
     """
 
