@@ -252,7 +252,7 @@ def report(name: str, n: int, r: int, new_tokens: int, results: list[Result], de
     return rows
 
 
-SWITCH_ROWS = ("bank", "bank-tile16", "bank-tile64", "hotswap")  # bank-tileB: SHiRA(tile=B)
+SWITCH_ROWS = ("bank", "bank-tile16", "bank-tile32", "bank-tile64", "hotswap")  # bank-tileB: SHiRA(tile=B)
 
 
 def copy_ms(nbytes: int, repeats: int, device: str) -> float:
@@ -275,7 +275,7 @@ def _alternating(switch: Callable[[int], None]) -> Callable[[], None]:
 
 def measure_switches(name: str, r: int, repeats: int, device: str = "cpu") -> list[dict]:
     """Switch latency alone (A -> B, alternating, no generation) of the bank rows and eager hotswap on one model:
-    unstructured SHiRA, tile SHiRA at b = 16 and 64 (as many values as the LoRA), peft's hotswap.
+    unstructured SHiRA, tile SHiRA at b = 16, 32 and 64 (where b divides every in_features) (as many values as the LoRA), peft's hotswap.
 
     ``bytes`` is what one switch moves: for the bank, restore + gather + add of ``S`` value bytes
     (:func:`lightning_peft.kernels.switch_bytes`, ``7 S`` in fp32; the unstructured bank also reads its int32 and
@@ -286,7 +286,11 @@ def measure_switches(name: str, r: int, repeats: int, device: str = "cpu") -> li
     found = []
     for kind in SWITCH_ROWS:
         if kind.startswith("bank"):
-            bank = fill_bank(base, 2, r, int(kind.removeprefix("bank-tile")) if "tile" in kind else None)
+            tile = int(kind.removeprefix("bank-tile")) if "tile" in kind else None
+            if tile and any(m.in_features % tile for m in base.modules() if isinstance(m, nn.Linear)):
+                print(f"{name}: {kind} skipped, tile={tile} does not divide every in_features")
+                continue
+            bank = fill_bank(base, 2, r, tile)
             switch = lambda i, bank=bank: bank.activate(f"a{i}")  # noqa: E731
             terms = [t for _, t in bank.adapters["a0"]]
             nbytes = sum(switch_bytes(t.values, 4) for t in terms)
