@@ -10,6 +10,9 @@ all linear layers of the decoder):
 * ``bank`` / ``bank-compiled``: :class:`lightning_peft.AdapterBank` holding N SHiRA adapters; a switch
   restores the previous adapter's entries and scatters the next one's into the weights (SHiRA,
   Bhardwaj et al. 2024, section 4), so generation runs the plain base graph;
+* ``bank-tile`` / ``bank-tile-compiled``: the same with tile-structured SHiRA (``tile=16``: entries in 1 x 16
+  runs along each weight's input dimension, as many as the unstructured rows); a switch copies whole tiles
+  back and adds the next adapter's tiles (SMT, ICLR 2025, switches blocks the same way);
 * ``hotswap`` / ``hotswap-compiled``: peft's ``hotswap_adapter_from_state_dict`` (in-place copy into
   the loaded LoRA's ``lora_A``/``lora_B``; the N state dicts are held in memory, as a server would);
   the compiled row calls ``prepare_model_for_compiled_hotswap`` first (peft's recipe), and the LoRA
@@ -52,13 +55,16 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import _sync, append_rows, device_name, peak_memory, row  # noqa: E402
+from harness import _sync, append_rows, device_name, peak_memory, row, time_fn  # noqa: E402
+from lightning_peft.kernels import switch_bytes  # noqa: E402
 from switching import _randomize  # noqa: E402
 
 import lightning_peft as lp  # noqa: E402
 
 BENCH = "serving"
-ROWS = ("base", "base-compiled", "bank", "bank-compiled", "hotswap", "hotswap-compiled", "merge", "set_adapter")
+ROWS = ("base", "base-compiled", "bank", "bank-compiled", "bank-tile", "bank-tile-compiled", "hotswap", "hotswap-compiled",
+        "merge", "set_adapter")
+TILE = 16  # the bank-tile rows: SHiRA(tile=16), 64-byte fp32 runs, the same r (in + out) entries as the unstructured rows
 PEFT_ROWS = ("hotswap", "hotswap-compiled", "merge", "set_adapter")
 
 
@@ -97,6 +103,18 @@ def _compile_forward(model: nn.Module) -> Callable[[], None]:
     return lambda: delattr(model, "forward")
 
 
+def fill_bank(base: nn.Module, n: int, r: int, tile: int | None) -> lp.AdapterBank:
+    """An AdapterBank over ``base`` holding ``a0 ... a{n-1}``: random-mask SHiRA, ``r (in + out)`` random values."""
+    bank = lp.AdapterBank(base)
+    for i in range(n):
+        src = copy.deepcopy(base)
+        lp.SHiRA(r=r, mask="random", seed=i, tile=tile).inject(src)
+        _randomize(src, i)
+        bank.add(f"a{i}", src)
+        del src
+    return bank
+
+
 def setup_row(kind: str, base: nn.Module, n: int, r: int):
     """``(model to generate with, switch(i), kept() -> bytes held for the adapters, cleanup())`` for one row."""
     names = [f"a{i}" for i in range(n)]
@@ -104,19 +122,12 @@ def setup_row(kind: str, base: nn.Module, n: int, r: int):
         undo = _compile_forward(base) if kind == "base-compiled" else lambda: None
         return base, lambda i: None, lambda: 0, undo
     if kind.startswith("bank"):
-        bank = lp.AdapterBank(base)
-        for i, a in enumerate(names):
-            src = copy.deepcopy(base)
-            lp.SHiRA(r=r, mask="random", seed=i).inject(src)
-            _randomize(src, i)
-            bank.add(a, src)
-            del src
+        bank = fill_bank(base, n, r, TILE if kind.startswith("bank-tile") else None)
 
         def kept() -> int:  # values + positions (with the offsets cached by the switches)
-            terms = [d for ts in bank.adapters.values() for _, d in ts]
-            return _bytes(d.values for d in terms) + sum(d.index.nbytes for d in terms)
+            return sum(bank.held_bytes(a) for a in names)
 
-        undo = _compile_forward(base) if kind == "bank-compiled" else lambda: None
+        undo = _compile_forward(base) if kind.endswith("compiled") else lambda: None
         return base, lambda i: bank.activate(names[i]), kept, lambda: (bank.deactivate(), undo())
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=lp.find_target_modules(base, "all-linear"))
     model = get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
@@ -241,6 +252,90 @@ def report(name: str, n: int, r: int, new_tokens: int, results: list[Result], de
     return rows
 
 
+SWITCH_ROWS = ("bank", "bank-tile16", "bank-tile32", "bank-tile64", "hotswap")  # bank-tileB: SHiRA(tile=B)
+
+
+def copy_ms(nbytes: int, repeats: int, device: str) -> float:
+    """Median ms of ``dst.copy_(src)`` moving ``nbytes`` in all (``nbytes / 2`` read, as many written)."""
+    src = torch.randn(max(1, nbytes // 8), device=device)  # fp32: 4 B read + 4 B written per element
+    dst = torch.empty_like(src)
+    return 1e3 * time_fn(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
+
+
+def _alternating(switch: Callable[[int], None]) -> Callable[[], None]:
+    """``switch(1)``, ``switch(0)``, ``switch(1)``, ... one per call."""
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] ^= 1
+        switch(state["i"])
+
+    return step
+
+
+def measure_switches(name: str, r: int, repeats: int, device: str = "cpu") -> list[dict]:
+    """Switch latency alone (A -> B, alternating, no generation) of the bank rows and eager hotswap on one model:
+    unstructured SHiRA, tile SHiRA at b = 16, 32 and 64 (where b divides every in_features) (as many values as the LoRA), peft's hotswap.
+
+    ``bytes`` is what one switch moves: for the bank, restore + gather + add of ``S`` value bytes
+    (:func:`lightning_peft.kernels.switch_bytes`, ``7 S`` in fp32; the unstructured bank also reads its int32 and
+    cached int64 positions, not counted); for hotswap, each LoRA tensor read once and written once (``2 S``).
+    ``copy_fraction`` is the time a contiguous ``copy_`` of as many bytes takes, over the switch's time.
+    """
+    base = build_model(name).to(device)
+    found = []
+    for kind in SWITCH_ROWS:
+        if kind.startswith("bank"):
+            tile = int(kind.removeprefix("bank-tile")) if "tile" in kind else None
+            if tile and any(m.in_features % tile for m in base.modules() if isinstance(m, nn.Linear)):
+                print(f"{name}: {kind} skipped, tile={tile} does not divide every in_features")
+                continue
+            bank = fill_bank(base, 2, r, tile)
+            switch = lambda i, bank=bank: bank.activate(f"a{i}")  # noqa: E731
+            terms = [t for _, t in bank.adapters["a0"]]
+            nbytes = sum(switch_bytes(t.values, 4) for t in terms)
+            count = sum(t.values.numel() for t in terms)
+        else:
+            model, switch, kept, _ = setup_row(kind, base, 2, r)
+            lora = [p for k, p in model.named_parameters() if "lora_" in k]
+            count, nbytes = sum(p.numel() for p in lora), 2 * _bytes(lora)
+        switch(0)
+        t = 1e3 * time_fn(_alternating(switch), warmup=2, repeats=repeats, device=device)
+        if kind.startswith("bank"):
+            bank.deactivate()
+        c = copy_ms(nbytes, repeats, device)
+        found.append({"model": name, "row": kind, "switch_ms": t, "values": count, "bytes": nbytes, "copy_ms": c,
+                      "copy_fraction": c / t})
+    hot = next(x for x in found if x["row"] == "hotswap")
+    for x in found:
+        x["vs_hotswap"] = x["switch_ms"] / hot["switch_ms"]
+    return found
+
+
+def report_switches(records: list[dict], r: int, repeats: int, device: str, out: str) -> list[list]:
+    """Print the switch table, write ``OUT_switch.{json,md}`` and return the CSV rows (tile and bank vs hotswap)."""
+    where = device_name(device) if device != "cpu" else f"threads={torch.get_num_threads()}"
+    lines = ["| model | row | values/adapter | switch ms | vs hotswap | MB moved | copy_ of as many bytes, ms | "
+             "copy bandwidth fraction |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {x['model']} | {x['row']} | {x['values']} | {x['switch_ms']:.3f} | {x['vs_hotswap']:.2f}x | "
+              f"{x['bytes'] / 1e6:.2f} | {x['copy_ms']:.3f} | {x['copy_fraction']:.0%} |" for x in records]
+    print(f"\nswitch only, r={r}, fp32, {where}, median of {repeats}\n" + "\n".join(lines))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out + "_switch.json").write_text(json.dumps({"r": r, "repeats": repeats, "device": device,
+                                                          "threads": torch.get_num_threads(), "records": records}, indent=1))
+        Path(out + "_switch.md").write_text("\n".join(lines) + "\n")
+    by = {(x["model"], x["row"]): x for x in records}
+    rows = []
+    for (model, kind), x in by.items():
+        if kind != "hotswap":
+            case = f"{model} switch-only r={r} values/adapter={x['values']} fp32 {where}"
+            rows.append(row(BENCH, case, f"switch_ms_{kind}_vs_hotswap", x["switch_ms"], by[(model, "hotswap")]["switch_ms"],
+                            device))
+            rows.append(row(BENCH, case, f"switch_ms_{kind}_vs_copy_of_its_bytes", x["switch_ms"], x["copy_ms"], device))
+    return rows
+
+
 def write_results(out: Path, records: list[dict], args: argparse.Namespace) -> None:
     """``out.json`` (every record and the settings), ``out.md`` (one table) and ``out.png`` (requests/s, switch)."""
     import matplotlib
@@ -287,6 +382,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--switch-only", action="store_true",
+                    help="time switches alone (bank, bank-tile, eager hotswap; N=2) against a copy_ of their bytes")
+    ap.add_argument("--repeats", type=int, default=20, help="timed switches per row with --switch-only (median)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving"),
                     help="writes OUT.json, OUT.md and OUT.png ('' to skip)")
     args = ap.parse_args()
@@ -294,6 +392,12 @@ def main() -> None:
         args.models, args.n, args.requests, args.new_tokens = ["llama-v1"], [2], 4, 8
         args.out = "" if args.out == ap.get_default("out") else args.out
     torch.set_num_threads(args.threads)
+    if args.switch_only:
+        found = [x for name in args.models for x in measure_switches(name, args.r, args.repeats, args.device)]
+        csv = report_switches(found, args.r, args.repeats, args.device, args.out)
+        if not args.no_csv:
+            print(f"appended {append_rows(csv)} rows to benchmarks/results.csv")
+        return
     csv, records = [], []
     for name in args.models:
         rows, recs = run_model(name, args.n, args.r, args.requests, args.new_tokens, args.rows, args.device)

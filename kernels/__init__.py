@@ -10,6 +10,7 @@ sparse index format    :mod:`.sparse_index`          (``SparseIndex``: sorted CO
 SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference`` (CPU: ``sampled_addmm``)
 scatter set/add/undo   :mod:`.scatter`               ``scatter_*_reference``
 sparse-delta linear    :mod:`.sparse_linear`         ``sparse_delta_linear_reference``
+tile add/undo          :mod:`.tiles`                 (PyTorch row ops: already copy speed)
 =====================  ============================  =====================================
 
 Dispatch (every op's ``use_triton`` argument): ``None`` runs Triton on CUDA tensors and the
@@ -53,9 +54,20 @@ else:
         sparse_delta_linear,
         sparse_delta_linear_reference,
     )
+    from lightning_peft.kernels.tiles import (
+        TILE_WIDTHS,
+        expand_tiles,
+        find_tiles,
+        switch_bytes,
+        tile_add,
+        tile_restore,
+    )
 
     __all__ = [
+        "TILE_WIDTHS",
         "SparseIndex",
+        "expand_tiles",
+        "find_tiles",
         "merged_weight",
         "scatter_add",
         "scatter_add_reference",
@@ -68,4 +80,7 @@ else:
         "sddmm_sampled_addmm",
         "sparse_delta_linear",
         "sparse_delta_linear_reference",
+        "switch_bytes",
+        "tile_add",
+        "tile_restore",
     ]

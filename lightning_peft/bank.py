@@ -35,6 +35,12 @@ is slower than a contiguous copy of as many values (peft's LoRA hotswap) once th
 while generation then runs the plain fused base (``benchmarks/serving.py``). Each held adapter keeps its
 values (4 B/entry in fp32), int32 row and column (8 B) and, after its first use, cached int64 storage
 offsets (8 B; :meth:`~lightning_peft.kernels.SparseIndex.offsets`).
+
+Tile-structured adapters (SHiRA ``tile=b``: entries in 1 x b runs along ``in``) are held as
+:class:`~lightning_peft.deltas.TileTerm` s, chosen automatically from the positions
+(:func:`~lightning_peft.deltas.sparse_term`): one int64 per tile and ``(tiles, b)`` values, ``4 + 8 / b``
+bytes per fp32 entry (LoRA: 4 per parameter; 1.125x at b = 16), and a switch gathers, adds and copies back whole tiles,
+every byte in runs of ``4 b`` bytes, like a contiguous copy (SMT, ICLR 2025, switches blocks the same way).
 """
 
 from __future__ import annotations
@@ -50,11 +56,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lightning_peft.adapter_folder import AdapterFolder
-from lightning_peft.deltas import DeltaTerm, LowRankTerm, MergeStack, SparseTerm, lora_scale, sparse_term
+from lightning_peft.deltas import (
+    DeltaTerm,
+    LowRankTerm,
+    MergeStack,
+    SparseTerm,
+    TileTerm,
+    lora_scale,
+    sparse_term,
+)
 from lightning_peft.fingerprint import find_base_model
 from lightning_peft.registry import method_specs, spec_for_layer, spec_for_peft_type
 
-__all__ = ["AdapterBank", "LowRankTerm", "SparseTerm", "lora_scale", "sparse_term"]
+__all__ = ["AdapterBank", "LowRankTerm", "SparseTerm", "TileTerm", "lora_scale", "sparse_term"]
 
 
 class AdapterBank:
@@ -149,6 +163,10 @@ class AdapterBank:
         if isinstance(module, BaseTunerLayer):
             module = module.get_base_layer()
         return module.weight.data
+
+    def held_bytes(self, name: str) -> int:
+        """Bytes adapter ``name`` keeps in the bank: values and positions of every term (cached offsets included)."""
+        return sum(term.nbytes for _, term in self.adapters[name])
 
     def dense_deltas(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s dense fp32 ``(out, in)`` delta per weight path (analysis only: allocates)."""

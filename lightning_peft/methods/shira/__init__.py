@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.config import check_resumed_config
-from lightning_peft.deltas import SparseTerm, sparse_term
+from lightning_peft.deltas import sparse_term
 from lightning_peft.kernels import SparseIndex
 from lightning_peft.methods.shira.config import CALIBRATED_MASKS, MaskKind, SHiRAConfig
 from lightning_peft.methods.shira.layer import ShiraLinear, shira_layer_class
@@ -62,10 +62,12 @@ class _MaskLookup:
 
 
 def bank_deltas(layer: ShiraLinear, adapter: str) -> list[Any]:
-    """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied)."""
+    """AdapterBank's view of a SHiRA layer: one sparse term (scaling applied), a tile term for a tile mask."""
     if adapter not in layer.shira_weight:
         return []
-    return [SparseTerm(layer.sparse_index(adapter), layer.sparse_values(adapter).detach().clone())]
+    index = layer.sparse_index(adapter)
+    values = layer.sparse_values(adapter).detach().clone()
+    return [sparse_term(torch.stack([index.row, index.col]), values, tuple(index.shape), "")]
 
 
 def bank_tensors(parts: dict[str, Any], config: Any, shape: tuple[int, int], path: str) -> list[Any]:
@@ -93,6 +95,8 @@ class SHiRA(AdapterCallback):
         use_triton: Sparse-kernel dispatch (``None``: Triton on CUDA, reference on CPU).
         lr_ratio: The values' lr as a multiple of the optimizer's (default 2.5, the paper's
             5e-4 : 2e-4 against LoRA; ``1.0`` keeps the optimizer's), see :class:`SHiRAConfig`.
+        tile: ``None`` (unstructured) or ``16``/``32``/``64``: entries in 1 x b tiles along ``in``,
+            switched by whole-tile copies in an ``AdapterBank`` (see :class:`SHiRAConfig`).
 
     Raises:
         ValueError: invalid config values (see :class:`SHiRAConfig`), or targets that are not
@@ -113,12 +117,13 @@ class SHiRA(AdapterCallback):
         adapter_name: str = "default",
         use_triton: bool | None = None,
         lr_ratio: float = 2.5,
+        tile: int | None = None,
     ) -> None:
         super().__init__(
             SHiRAConfig(
                 target_modules=target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name,
                 density=density, mask=mask, r=r, calibration_batches=calibration_batches, seed=seed,
-                use_triton=use_triton, lr_ratio=lr_ratio,
+                use_triton=use_triton, lr_ratio=lr_ratio, tile=tile,
             )
         )
         self._module: nn.Module | None = None
@@ -167,7 +172,7 @@ class SHiRA(AdapterCallback):
                 f"{' ...' if len(wrong) > 3 else ''}; target only nn.Linear modules (GPT-2's attention/MLP are "
                 "transformers Conv1D: use LoRA there) or exclude them with exclude_modules="
             )
-        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r) for n, m in bases.items()}
+        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r, c.tile) for n, m in bases.items()}
         r = c.r or max(math.ceil(budgets[n] / (m.in_features + m.out_features)) for n, m in bases.items())
         too_big = [n for n, m in bases.items() if r * (m.in_features + m.out_features) > m.in_features * m.out_features]
         if too_big:
@@ -179,7 +184,7 @@ class SHiRA(AdapterCallback):
         masks = {}
         for n, m in bases.items():
             kind = "random" if calibrate_later else c.mask  # placeholder until on_train_start
-            masks[id(m)] = build_mask(kind, m.weight, budgets[n], seed=c.seed, name=n)
+            masks[id(m)] = build_mask(kind, m.weight, budgets[n], seed=c.seed, name=n, tile=c.tile)
         cfg = ShiraConfig(r=r, mask_type="random", random_seed=c.seed, target_modules=target_names)
         cfg.mask_type = c.mask_name  # saved, so readers see which mask built the adapter
         cfg.mask_fn = _MaskLookup(masks)
@@ -253,7 +258,7 @@ class SHiRA(AdapterCallback):
             stats = [trainer.strategy.reduce(s, reduce_op="mean") for s in stats]
         for (name, layer), w, s in zip(layers.items(), weights, stats):
             nnz = layer.shira_nnz[c.adapter_name]
-            index = build_mask(c.mask, w, nnz, stats=s / len(batches), seed=c.seed, name=name)
+            index = build_mask(c.mask, w, nnz, stats=s / len(batches), seed=c.seed, name=name, tile=c.tile)
             layer.set_mask(c.adapter_name, index.to(w.device))
         self._calibrated = True
         log.info("SHiRA[%s]: %s masks from %d calibration batches", c.adapter_name, c.mask_name, len(batches))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_peft.config import AdapterConfig
+from lightning_peft.kernels import TILE_WIDTHS
 from lightning_peft.methods._sparse.mask import check_density
 
 MaskKind = Literal["random", "struct", "wm", "grad", "snip"]
@@ -42,6 +43,12 @@ class SHiRAConfig(AdapterConfig):
             under Adam, so it needs a larger step than LoRA's dense B A to change the layer as
             much (measured: ``benchmarks/README.md``, "SHiRA's learning rate"). ``1.0`` keeps the
             optimizer's lr.
+        tile: ``None`` (default): unstructured entries. ``16``/``32``/``64``: entries in 1 x ``tile`` runs
+            along each weight's contiguous (input) dimension, chosen by the mask's score summed per tile
+            (``random``: uniform tiles), ``nnz // tile`` tiles per layer (at least one): the same budget, or
+            up to ``tile - 1`` entries less. An ``AdapterBank`` then switches the adapter by whole-tile
+            copies (SMT, ICLR 2025) and holds ``4 + 8 / tile`` bytes per fp32 entry. Every target's
+            ``in_features`` must be a multiple of ``tile``; ``struct`` masks cannot be tiled.
     """
 
     density: float = 0.01
@@ -51,9 +58,20 @@ class SHiRAConfig(AdapterConfig):
     seed: int = 0
     use_triton: bool | None = None
     lr_ratio: float = 2.5
+    tile: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.tile is not None and (isinstance(self.tile, bool) or self.tile not in TILE_WIDTHS):
+            raise ValueError(
+                f"SHiRA tile must be None (unstructured) or one of {', '.join(map(str, TILE_WIDTHS))} (entries per 1 x b "
+                f"run along the input dimension), got tile={self.tile!r}; e.g. tile=16 (64-byte runs in fp32)"
+            )
+        if self.tile is not None and self.mask == "struct":
+            raise ValueError(
+                f"SHiRA mask='struct' (every f-th row and column plus the diagonal) cannot be tiled, got tile={self.tile}; "
+                "its columns and diagonal are one entry per row: use mask='wm'/'grad'/'snip'/'random' with tile, or tile=None"
+            )
         if isinstance(self.lr_ratio, bool) or not isinstance(self.lr_ratio, (int, float)) or not self.lr_ratio > 0:
             raise ValueError(
                 f"SHiRA lr_ratio must be a number > 0 (the values' lr as a multiple of the optimizer's), got "

@@ -1,0 +1,110 @@
+"""Tile-structured sparse deltas: runs of ``b`` entries along a weight's contiguous dimension, moved whole.
+
+Why tiles (SMT, Sparse Matrix Tuning, ICLR 2025, switches 256 x 256 blocks by writing
+``weight[...]`` slices): a scattered 4-byte store touches its own 64-byte cache line (a 32-byte sector on
+a GPU), so an unstructured scatter moves ~17x the bytes of a contiguous copy of the same fp32 values. A
+run of ``b >= 16`` fp32 values fills a whole line, so writing a tile costs what a copy of it costs.
+
+Layout. ``W`` is ``(out, in)``, row-major and contiguous, ``b`` divides ``in``. Tile ``t`` is the
+``b`` flat positions ``t * b ... t * b + b - 1``, i.e. row ``t // (in / b)``, columns
+``(t % (in / b)) * b + [0, b)``; ``W.view(-1, b)[t]`` is the tile. A tile delta is ``tiles`` ``(T,)``
+int64 (8 bytes per tile, ``8 / b`` per value; PyTorch's CPU ``index_add_`` is ~5x slower with int32 indices,
+measured on a 11008 x 4096 weight) and ``values`` ``(T, b)``:
+
+===============  =====================================================================  ==========
+op               what it does                                                           bytes moved
+===============  =====================================================================  ==========
+``tile_add``     ``saved = W[tiles]`` (gather), ``W[tiles] += alpha * values``          ``5 S``
+``tile_restore`` ``W[tiles] = saved`` (exact: the saved bits are copied back)           ``2 S``
+===============  =====================================================================  ==========
+
+``S = T * b * itemsize``: a switch (restore the previous adapter, add the next) moves about ``7 S``,
+every byte in runs of ``b`` contiguous values (:func:`switch_bytes`). The ops are PyTorch's row ops
+(``index_select`` / ``index_add_`` / ``index_copy_`` on a ``(-1, b)`` view), their own reference. Measured on
+one CPU thread (11008 x 4096 fp32 weight, 241k values): a switch takes 0.25 ms at b = 64, 0.37 ms at b = 32
+and 0.8 ms at b = 16: the writes land on random lines of a weight far larger than the cache, so fewer,
+longer runs win (``benchmarks/README.md``, "Tile-structured SHiRA").
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TILE_WIDTHS", "expand_tiles", "find_tiles", "switch_bytes", "tile_add", "tile_restore"]
+
+TILE_WIDTHS = (16, 32, 64)  # 64 B, 128 B, 256 B runs in fp32: at least one cache line each
+
+
+def _tile_view(weight: torch.Tensor, b: int) -> torch.Tensor:
+    """``W`` as ``(out * in / b, b)`` rows, one per tile (a view: writes land in ``W``)."""
+    if not weight.is_contiguous() or weight.shape[-1] % b:
+        raise ValueError(
+            f"tile ops need a contiguous weight whose last dimension ({weight.shape[-1]}) is a multiple of the tile "
+            f"width b={b} (contiguous: {weight.is_contiguous()}); use an unstructured mask (tile=None) for this layer"
+        )
+    return weight.view(-1, b)
+
+
+def expand_tiles(tiles: torch.Tensor, b: int) -> torch.Tensor:
+    """Flat positions ``(T * b,)`` int64 of tiles ``(T,)``, tile by tile (sorted when ``tiles`` is)."""
+    return (tiles.long()[:, None] * b + torch.arange(b, device=tiles.device)).reshape(-1)
+
+
+def find_tiles(flat: torch.Tensor, nonzero: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int] | None:
+    """The tiles that hold a delta, if every one of them is whole in ``flat``; ``None`` for unstructured masks.
+
+    Widths are tried largest first (fewest indices). A tile counts when one of its entries is nonzero, and
+    qualifies when all ``b`` of its positions are in ``flat``, so positions with exact-zero values (peft's
+    padding, untouched entries) are allowed anywhere.
+
+    Args:
+        flat: ``(n,)`` flat positions ``row * in + col`` of the delta (any order, unique).
+        nonzero: ``(n,)`` bool, which positions hold a nonzero value.
+        in_features: ``in`` of the ``(out, in)`` weight.
+
+    Returns:
+        ``(tiles (T,) int64 sorted, b)`` or ``None``.
+    """
+    flat = flat.long()
+    hot = flat[nonzero]
+    if hot.numel() == 0:
+        return None
+    for b in sorted(TILE_WIDTHS, reverse=True):
+        if in_features % b:
+            continue
+        tiles = torch.unique(hot // b)  # (T,) sorted
+        if tiles.numel() * b <= flat.numel() and bool(torch.isin(expand_tiles(tiles, b), flat).all()):
+            return tiles, b
+    return None
+
+
+def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``W[tiles] += alpha * values`` in place; returns the overwritten tiles ``(T, b)`` for :func:`tile_restore`.
+
+    Same dtype: ``index_add_`` (one rounding of ``w + alpha * v``, as :func:`~.scatter.scatter_add` in fp32).
+    Otherwise the sum is formed in fp32 and rounded once to ``W``'s dtype.
+
+    Args:
+        weight: ``(out, in)`` contiguous; ``b = values.shape[1]`` divides ``in``.
+        tiles: ``(T,)`` int64 tile numbers (int32 works, slower).
+        values: ``(T, b)``.
+        alpha: Scale of the delta.
+    """
+    rows = _tile_view(weight, values.shape[1])  # (out * in / b, b)
+    saved = rows.index_select(0, tiles)  # (T, b), the bits restore writes back
+    if values.dtype == weight.dtype:
+        rows.index_add_(0, tiles, values, alpha=alpha)
+    else:
+        rows.index_copy_(0, tiles.long(), (saved.float() + float(alpha) * values.float()).to(weight.dtype))
+    return saved
+
+
+def tile_restore(weight: torch.Tensor, tiles: torch.Tensor, saved: torch.Tensor) -> None:
+    """``W[tiles] = saved`` ``(T, b)``: undo one :func:`tile_add` bit-exactly."""
+    _tile_view(weight, saved.shape[1]).index_copy_(0, tiles.long(), saved)
+
+
+def switch_bytes(values: torch.Tensor, weight_itemsize: int) -> int:
+    """Bytes one switch into and out of a tile delta moves: restore ``2 S``, gather ``2 S``, add ``2 S`` plus
+    the values read (``7 S`` when values and ``W`` share a dtype; see the module docstring)."""
+    return 6 * values.numel() * weight_itemsize + values.numel() * values.element_size()

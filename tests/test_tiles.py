@@ -1,0 +1,242 @@
+"""Tile-structured SHiRA (``tile=b``): mask selection, budget, compact storage, peft round trip, tile switching."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import PlainNet, WrappedPlainLM, token_loader
+from lightning_peft.kernels import SparseIndex, tile_add, tile_restore
+from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from torch._dynamo.utils import counters
+
+import lightning_peft as lp
+from lightning_peft.deltas import SparseTerm, TileTerm
+from lightning_peft.methods._sparse.storage import decode_index, encode_index
+from lightning_peft.methods.shira.mask import build_mask, layer_nnz
+
+TARGETS = ("blocks.0", "blocks.2")  # PlainNet(width=32): 32 -> 64 -> 32, in_features 32 and 64
+
+
+def _reference_tiles(scores: torch.Tensor, nnz: int, b: int) -> set[tuple[int, int]]:
+    """Written apart from the library: pool per tile with reshape + sum, keep the top nnz // b by torch.topk."""
+    rows, cols = scores.shape
+    pooled = scores.reshape(rows, cols // b, b).sum(-1)  # (rows, cols / b)
+    top = torch.topk(pooled.reshape(-1), nnz // b).indices
+    return {(int(t) // (cols // b), (int(t) % (cols // b)) * b + j) for t in top for j in range(b)}
+
+
+def _positions(index: SparseIndex) -> set[tuple[int, int]]:
+    return set(zip(index.row.tolist(), index.col.tolist(), strict=True))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _tile_net(seed: int, tile: int = 16, density: float = 0.1, mask: str = "wm") -> PlainNet:
+    """PlainNet(width=32), base seed 0, one tile SHiRA adapter with random values (seed ``seed``)."""
+    torch.manual_seed(0)
+    net = PlainNet(width=32)
+    lp.SHiRA(density=density, mask=mask, seed=seed, tile=tile, target_modules=list(TARGETS)).inject(net)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for name in TARGETS:
+            w = net.get_submodule(name).shira_weight["default"]
+            w.copy_(torch.randn(w.shape, generator=g))
+    return net
+
+
+def _base() -> PlainNet:
+    torch.manual_seed(0)
+    return PlainNet(width=32)
+
+
+# ---------------------------------------------------------------------------- masks and budget
+@pytest.mark.parametrize("kind", ["wm", "grad", "snip"])
+@pytest.mark.parametrize(("shape", "b"), [((7, 48), 16), ((13, 64), 32), ((5, 128), 64)])
+def test_tile_mask_equals_an_independent_pooling(kind: str, shape: tuple[int, int], b: int) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + b)
+    w, stats = torch.randn(shape, generator=g), torch.rand(shape, generator=g)
+    nnz = layer_nnz(*shape, density=0.2, tile=b)
+    index = build_mask(kind, w, nnz, stats=stats, tile=b)
+    scores = {"wm": w.abs(), "grad": stats.sqrt(), "snip": stats.sqrt() * w.abs()}[kind]
+    assert index.nnz == nnz and _positions(index) == _reference_tiles(scores, nnz, b)
+
+
+def test_random_tiles_are_whole_seeded_per_layer_and_spread() -> None:
+    w = torch.zeros(40, 64)
+    a, a2, other = (build_mask("random", w, 160, seed=s, name=n, tile=16) for s, n in ((1, "x"), (1, "x"), (1, "y")))
+    assert _positions(a) == _positions(a2) and _positions(a) != _positions(other)
+    flat = a.flat().view(-1, 16)
+    assert bool((flat[:, 0] % 16 == 0).all()) and bool((flat - flat[:, :1] == torch.arange(16)).all())
+    assert len(set(a.row.tolist())) > 3  # uniform tiles, not the first rows
+
+
+def test_budget_is_whole_tiles_rounded_down() -> None:
+    assert layer_nnz(64, 32, density=0.1, tile=16) == (round(0.1 * 64 * 32) // 16) * 16 == 192
+    assert layer_nnz(64, 96, density=0.0, r=3, tile=32) == (3 * 160 // 32) * 32 <= 3 * 160
+    assert layer_nnz(4, 16, density=0.01, tile=16) == 16  # at least one tile
+
+
+def test_tile_errors_name_the_rule_the_value_and_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"tile must be None.*16, 32, 64.*got tile=24.*tile=16"):
+        lp.SHiRAConfig(tile=24)
+    with pytest.raises(ValueError, match=r"struct.*cannot be tiled.*tile=None"):
+        lp.SHiRAConfig(mask="struct", tile=16)
+    with pytest.raises(ValueError, match=r"tile=64 needs every target's in_features to be a multiple of 64.*"
+                                         r"in_features=32.*\(16, 32\).*exclude_modules=.*tile=None"):
+        lp.SHiRA(mask="wm", tile=64, target_modules=list(TARGETS)).inject(PlainNet(width=32))
+
+    def not_tiles(weight, stats):
+        return SparseIndex.from_flat(torch.arange(0, 32 * 2, 2), tuple(weight.shape))  # 32 scattered entries
+
+    with pytest.raises(ValueError, match=r"not whole 1 x 16 tiles.*tile_mask.*tile=None"):
+        build_mask(not_tiles, torch.zeros(8, 32), 32, tile=16)
+
+
+def test_calibrated_grad_tiles_train_and_stay_tiles(tmp_path: Path) -> None:
+    module = WrappedPlainLM(seed=0)  # blocks.2 is 48 -> 24: in_features 48 = 3 tiles of 16 per row
+    method = lp.SHiRA(density=0.1, mask="grad", tile=16, calibration_batches=2, target_modules=["blocks.2"])
+    L.Trainer(max_steps=3, callbacks=[method], accelerator="cpu", enable_progress_bar=False, logger=False,
+              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(module, token_loader())
+    layer = module.net.blocks[2]
+    index = layer.sparse_index("default")
+    assert index.nnz == layer_nnz(24, 48, 0.1, tile=16) and bool(layer.shira_weight["default"].abs().sum() > 0)
+    (term,) = lp.AdapterBank(WrappedPlainLM(seed=0).net).add("a", module).adapters["a"][0][1:]
+    assert isinstance(term, TileTerm) and term.width == 16 and term.tiles.numel() * 16 == index.nnz
+
+
+# ---------------------------------------------------------------------------- storage
+def test_checkpoint_index_is_one_int32_per_tile_and_decodes_back() -> None:
+    index = build_mask("wm", torch.randn(24, 96, generator=torch.Generator().manual_seed(0)), 384, tile=32)
+    parts = encode_index(index.row, index.col, (24, 96))
+    assert set(parts) == {"tiles", "tile_width"} and parts["tiles"].dtype == torch.int32
+    assert sum(t.numel() * t.element_size() for t in parts.values()) == 4 * 384 // 32 + 4
+    row, col = decode_index(parts, (24, 96))
+    assert torch.equal(row, index.row.int()) and torch.equal(col, index.col.int())
+    scattered = SparseIndex.from_flat(torch.arange(0, 768, 2), (24, 96))
+    assert "tiles" not in encode_index(scattered.row, scattered.col, (24, 96))
+
+
+def test_layer_checkpoint_round_trip_keeps_tiles_and_values() -> None:
+    net = _tile_net(1)
+    layer = net.blocks[0]
+    state = {f"blocks.0.{k}": v.clone() for k, v in layer.state_dict().items()}
+    layer.encode_index_state(state, "blocks.0.")
+    assert "blocks.0.shira_indices.default:tiles" in state
+    fresh = _tile_net(5, mask="random")  # another mask and other values, same budget
+    fresh.blocks[0].load_state_dict({k[len("blocks.0."):]: v for k, v in state.items()})
+    assert _positions(fresh.blocks[0].sparse_index("default")) == _positions(layer.sparse_index("default"))
+    assert torch.equal(fresh.blocks[0].shira_weight["default"], layer.shira_weight["default"])
+
+
+@pytest.mark.parametrize("b", [16, 32])
+def test_held_bytes_per_adapter_within_1_2x_of_lora_at_the_same_count(b: int) -> None:
+    r = 4
+    torch.manual_seed(0)
+    src = PlainNet(width=64)
+    targets = ["blocks.0", "blocks.2"]
+    lp.SHiRA(r=r, mask="wm", tile=b, target_modules=targets).inject(src)
+    lora = PlainNet(width=64)
+    inject_adapter_in_model(LoraConfig(r=r, target_modules=targets, init_lora_weights=False), lora)
+    bank = lp.AdapterBank(PlainNet(width=64)).add("tile", src).add("lora", lora)
+    unstructured = lp.SHiRA(r=r, mask="wm", target_modules=targets).inject(PlainNet(width=64))
+    with torch.no_grad():
+        for m in (src, unstructured):
+            for name in targets:
+                m.get_submodule(name).shira_weight["default"].normal_()
+    bank.add("tile2", src).add("flat", unstructured)
+    count = sum(r * (m.in_features + m.out_features) for m in (src.blocks[0], src.blocks[2]))
+    assert bank.held_bytes("lora") == 4 * count  # fp32 A and B
+    assert isinstance(bank.adapters["tile2"][0][1], TileTerm)
+    assert bank.held_bytes("tile2") == 4 * count + 8 * count // b <= 1.2 * bank.held_bytes("lora")
+    assert isinstance(bank.adapters["flat"][0][1], SparseTerm) and bank.held_bytes("flat") > 2 * bank.held_bytes("lora")
+
+
+# ---------------------------------------------------------------------------- peft round trip
+def test_tile_folder_loads_in_plain_peft_and_switches_as_tiles(tmp_path: Path) -> None:
+    net = _tile_net(1, tile=32)
+    folder = lp.save_adapter(net, tmp_path / "tile")
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_base(), folder)(ids)
+        ours = net(ids)
+        bank = lp.AdapterBank(_base()).add("folder", folder).add("module", net)
+        terms = [t for _, t in bank.adapters["folder"]]
+        assert all(isinstance(t, TileTerm) and t.width == 32 for t in terms)
+        for (_, a), (_, m) in zip(bank.adapters["folder"], bank.adapters["module"], strict=True):
+            assert torch.equal(a.dense(torch.float32), m.dense(torch.float32))
+        bank.activate("folder")
+        switched = bank.model(ids)
+    assert not torch.allclose(ours, _base()(ids))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(switched, ours, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- switching
+def test_tile_add_then_restore_is_bit_exact_in_bf16_and_rounds_once() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 64, generator=g).bfloat16()
+    before = w.clone()
+    tiles, values = torch.tensor([1, 7, 10]), torch.randn(3, 16, generator=g)
+    saved = tile_add(w, tiles, values, 0.5)
+    expected = before.view(-1, 16).clone()
+    expected[tiles.long()] = (before.view(-1, 16)[tiles.long()].float() + 0.5 * values).bfloat16()
+    assert torch.equal(w.view(-1, 16), expected)
+    tile_restore(w, tiles, saved)
+    assert _bits(w) == _bits(before)
+
+
+def test_random_switches_and_fusions_restore_the_base_bit_exactly() -> None:
+    base = _base()
+    sources = {n: _tile_net(i, tile=16 if i else 32) for i, n in enumerate("abc")}
+    bank = lp.AdapterBank(base)
+    for n, src in sources.items():
+        bank.add(n, src)
+    assert all(isinstance(t, TileTerm) for ts in bank.adapters.values() for _, t in ts)
+    original = {k: _bits(v) for k, v in base.state_dict().items()}
+    rng = random.Random(0)
+    for _ in range(30):
+        if rng.random() < 0.3:
+            bank.fuse({n: rng.uniform(-1, 1) for n in rng.sample("abc", 2)})
+        else:
+            name = rng.choice("abc")
+            bank.activate(name)
+            for path in TARGETS:  # W + S computed densely from the source layer
+                layer = sources[name].get_submodule(path)
+                expected = layer.get_base_layer().weight + layer.get_delta_weight("default")
+                assert torch.equal(base.get_submodule(path).weight, expected)
+    bank.deactivate()
+    assert {k: _bits(v) for k, v in base.state_dict().items()} == original
+
+
+def test_compiled_model_switches_tile_adapters_without_recompiling() -> None:
+    base = _base().eval()
+    bank = lp.AdapterBank(base)
+    for i, n in enumerate("ab"):
+        bank.add(n, _tile_net(i + 1))
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+    plan = [None, "a", "b", {"a": 1.0, "b": 0.5}, "a", None]
+
+    def run(model) -> list[torch.Tensor]:
+        out = []
+        for step in plan:
+            bank.fuse({step: 1.0} if isinstance(step, str) else step) if step else bank.deactivate()
+            out.append(model(ids).clone())
+        bank.deactivate()
+        return out
+
+    with torch.no_grad():
+        expected = run(base)
+        torch._dynamo.reset()
+        counters.clear()
+        got = run(torch.compile(base))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])
+    assert not counters["recompiles"]
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[1], got[0]) and not torch.allclose(got[2], got[1])
