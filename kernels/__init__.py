@@ -10,7 +10,7 @@ sparse index format    :mod:`.sparse_index`          (``SparseIndex``: sorted CO
 SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference`` (CPU: ``sampled_addmm``)
 scatter set/add/undo   :mod:`.scatter`               ``scatter_*_reference``
 sparse-delta linear    :mod:`.sparse_linear`         ``sparse_delta_linear_reference``
-tile add/undo          :mod:`.tiles`                 (PyTorch row ops: already copy speed)
+tile add/undo          :mod:`.tiles`                 PyTorch row ops (CPU: a C loop, same bits)
 =====================  ============================  =====================================
 
 Dispatch (every op's ``use_triton`` argument): ``None`` runs Triton on CUDA tensors and the

@@ -240,3 +240,24 @@ def test_compiled_model_switches_tile_adapters_without_recompiling() -> None:
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got[1], got[0]) and not torch.allclose(got[2], got[1])
+
+
+@pytest.mark.parametrize(("wdtype", "vdtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_native_tile_loop_gives_the_row_ops_bits(wdtype: torch.dtype, vdtype: torch.dtype, b: int) -> None:
+    from lightning_peft.kernels import _tiles_native
+
+    if _tiles_native.library() is None:
+        pytest.skip("no C compiler: the row ops are the only path")
+    g = torch.Generator().manual_seed(b)
+    w = (torch.randn(40, 128, generator=g) * 3).to(wdtype)
+    w.view(-1)[::97], w.view(-1)[5::101] = float("nan"), float("inf")  # special values keep their bits too
+    tiles = torch.randperm(40 * 128 // b, generator=g)[:50].sort().values
+    values = (torch.randn(50, b, generator=g) * torch.logspace(-8, 2, b)).to(vdtype)  # sums that round
+    ref, ours = w.clone(), w.clone()
+    saved_ref, saved = tile_add(ref, tiles, values, native=False), tile_add(ours, tiles, values)
+    assert _bits(ours) == _bits(ref) and _bits(saved) == _bits(saved_ref)
+    version = ours._version
+    tile_restore(ours, tiles, saved)
+    assert _bits(ours) == _bits(w) and ours._version > version  # the raw write counts as an in-place op
