@@ -9,12 +9,14 @@
    density budget (1%, 5,535 parameters: the fleet's and evolve's old comparison);
 2. ``tasks`` (arithmetic, sql, data2text at the CLI's lr 3e-3): LoRA, SHiRA ``lr_ratio=1`` and SHiRA
    at the default ``lr_ratio=2.5``;
-3. ``evolve``: ``lightning-peft evolve`` (the Trans-PEFT protocol, its defaults: arithmetic, q/k/v/o,
+3. ``tiles`` (arithmetic, data2text at lr 3e-3): SHiRA r=8 with unstructured masks against 1 x 16 and
+   1 x 32 tile masks (``method.tile``), the same budget rounded down to whole tiles;
+4. ``evolve``: ``lightning-peft evolve`` (the Trans-PEFT protocol, its defaults: arithmetic, q/k/v/o,
    150 steps, 3 seeds) with LoRA, SHiRA at an equal budget (``method.r=8``) and SHiRA at its default 1%.
 
 Writes ``benchmarks/results/shira_lr.{jsonl,md}``; runs already recorded are skipped.
 
-    OMP_NUM_THREADS=1 python benchmarks/shira_lr.py [sweep|tasks|evolve|report] [--seeds 0,1,2]
+    OMP_NUM_THREADS=1 python benchmarks/shira_lr.py [sweep|tasks|tiles|evolve|report] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ ARMS = {
     "shira r=8 lr_ratio=1": ["method=shira", "method.r=8", "method.lr_ratio=1.0"],
     "shira r=8 (default lr_ratio=2.5)": ["method=shira", "method.r=8"],
     "shira density=1% (default budget)": ["method=shira"],
+    "shira r=8 tile=16": ["method=shira", "method.r=8", "method.tile=16"],
+    "shira r=8 tile=32": ["method=shira", "method.r=8", "method.tile=32"],
 }
 SWEEP = {"lora r=8": (1e-3, 3e-3, 1e-2, 3e-2), "shira r=8 lr_ratio=1": (3e-3, 1e-2, 3e-2),
          "shira r=8 (default lr_ratio=2.5)": (3e-3, 1e-2), "shira density=1% (default budget)": (3e-3,)}
 TASK_ARMS = ("lora r=8", "shira r=8 lr_ratio=1", "shira r=8 (default lr_ratio=2.5)")
 TASKS = ("arithmetic", "sql", "data2text")
+TILE_ARMS = ("shira r=8 (default lr_ratio=2.5)", "shira r=8 tile=16", "shira r=8 tile=32")  # issue 27: equal budget
+TILE_TASKS = ("arithmetic", "data2text")
 EVOLVE = {"lora r=8": ["method=lora"], "shira r=8": ["method=shira", "method.r=8"],
           "shira density=1% (default budget)": ["method=shira"]}
 ROWS = ("Fine-tune_o", "Direct transfer o->n", "Trans-PEFT o->n", "Fine-tune_n")
@@ -107,6 +113,14 @@ def report() -> str:
             em = [r["exact_match"] for r in got if r["exact_match"] is not None]
             cells.append(f"{mean_std(r['token_acc'] for r in got)} ({statistics.fmean(em):.2f})" if got else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "### tile masks at an equal budget, lr 3e-3: test token accuracy (exact match)", "",
+              "| arm | trainable | " + " | ".join(TILE_TASKS) + " |", "|---|---:|" + "---:|" * len(TILE_TASKS)]
+    for arm in TILE_ARMS:
+        got = {t: [r for r in rows if r["arm"] == arm and r["task"] == t and r["lr"] == 3e-3] for t in TILE_TASKS}
+        if all(got.values()):
+            cells = [f"{mean_std(r['token_acc'] for r in g)} ({statistics.fmean(r['exact_match'] for r in g):.2f})"
+                     for g in got.values()]
+            lines.append(f"| {arm} | {got[TILE_TASKS[0]][0]['trainable']:,} | " + " | ".join(cells) + " |")
     if evolved:
         lines += ["", "### lightning-peft evolve (arithmetic, llama-v1 -> llama-v2, q/k/v/o, 3 seeds): token accuracy", "",
                   "| arm | " + " | ".join(ROWS) + " |", "|---|" + "---:|" * len(ROWS)]
@@ -120,7 +134,7 @@ def report() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=("sweep", "tasks", "evolve", "report"))
+    ap.add_argument("phase", choices=("sweep", "tasks", "tiles", "evolve", "report"))
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -133,6 +147,11 @@ def main() -> None:
     elif args.phase == "evolve":
         for arm in EVOLVE:
             evolve(arm)
+    elif args.phase == "tiles":
+        for seed in seeds:
+            for task in TILE_TASKS:
+                for arm in TILE_ARMS:
+                    train(arm, task, 3e-3, seed)
     elif args.phase == "tasks":
         for seed in seeds:
             for task in TASKS:

@@ -84,11 +84,25 @@ def find_tiles(flat: torch.Tensor, nonzero: torch.Tensor, in_features: int) -> t
     return None
 
 
-def _native_ok(weight: torch.Tensor, tiles: torch.Tensor, other: torch.Tensor, native: bool | None) -> bool:
+def _check_tiles(rows: torch.Tensor, tiles: torch.Tensor) -> None:
+    """Refuse tile numbers outside ``rows`` before anything is written (the C loop does not check; the row ops
+    would fail halfway, or wrap negative numbers).
+
+    Raises:
+        IndexError: naming the span of the tile numbers and the weight's tile count.
+    """
+    if tiles.numel():
+        low, high = (int(x) for x in torch.aminmax(tiles))
+        if low < 0 or high >= rows.shape[0]:
+            raise IndexError(f"tile numbers span [{low}, {high}] but the weight has {rows.shape[0]} tiles of "
+                             f"{rows.shape[1]}; pass tiles of this weight (an adapter made for another shape?)")
+
+
+def _native_ok(rows: torch.Tensor, tiles: torch.Tensor, other: torch.Tensor, native: bool | None) -> bool:
     """Whether the C loop (:mod:`._tiles_native`) takes this call: CPU, contiguous, int64 tiles, and built."""
-    if native is False or weight.device.type != "cpu" or other.device.type != "cpu":
+    if native is False or rows.device.type != "cpu" or other.device.type != "cpu":
         return False
-    ok = weight.is_contiguous() and other.is_contiguous() and tiles.is_contiguous() and tiles.dtype == torch.int64
+    ok = rows.is_contiguous() and other.is_contiguous() and tiles.is_contiguous() and tiles.dtype == torch.int64
     return ok and tiles.device.type == "cpu" and _tiles_native.library() is not None
 
 
@@ -121,7 +135,8 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
         native: ``None``: the C loop where it applies; ``False``: PyTorch's row ops (the reference).
     """
     rows = _tile_view(weight, values.shape[1])  # (out * in / b, b)
-    if float(alpha) == 1.0 and _native_ok(weight, tiles, values, native):
+    _check_tiles(rows, tiles)
+    if float(alpha) == 1.0 and _native_ok(rows, tiles, values, native):
         lib, n, b = _tiles_native.library(), tiles.numel(), values.shape[1]
         if weight.dtype == torch.float32 and values.dtype == torch.float32:
             saved = torch.empty_like(values)
@@ -147,7 +162,8 @@ def tile_restore(weight: torch.Tensor, tiles: torch.Tensor, saved: torch.Tensor,
     """``W[tiles] = saved`` ``(T, b)``: undo one :func:`tile_add` bit-exactly (a C copy loop with prefetch on CPU,
     else ``index_copy_``; ``native`` as in :func:`tile_add`)."""
     rows = _tile_view(weight, saved.shape[1])
-    if saved.dtype == weight.dtype and _native_ok(weight, tiles, saved, native):
+    _check_tiles(rows, tiles)
+    if saved.dtype == weight.dtype and _native_ok(rows, tiles, saved, native):
         row_bytes = saved.shape[1] * saved.element_size()
         _tiles_native.library().lp_tile_copy_in(weight.data_ptr(), tiles.data_ptr(), tiles.numel(), saved.data_ptr(),
                                                 row_bytes, _ahead(row_bytes))

@@ -261,3 +261,16 @@ def test_native_tile_loop_gives_the_row_ops_bits(wdtype: torch.dtype, vdtype: to
     version = ours._version
     tile_restore(ours, tiles, saved)
     assert _bits(ours) == _bits(w) and ours._version > version  # the raw write counts as an in-place op
+
+
+@pytest.mark.parametrize("native", [None, False])
+def test_tile_numbers_outside_the_weight_are_refused_before_any_write(native: bool | None) -> None:
+    w = torch.randn(8, 64)
+    before = w.clone()
+    values = torch.ones(2, 16)
+    for bad in ([0, 32], [-1, 3]):  # 8 * 64 / 16 = 32 tiles: 32 and -1 lie outside
+        with pytest.raises(IndexError, match="tile numbers span"):
+            tile_add(w, torch.tensor(bad), values, native=native)
+        with pytest.raises(IndexError, match="tile numbers span"):
+            tile_restore(w, torch.tensor(bad), values, native=native)
+        assert _bits(w) == _bits(before)
