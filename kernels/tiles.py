@@ -117,11 +117,13 @@ def _ahead(row_bytes: int) -> int:
     return max(16, 4096 // row_bytes)
 
 
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
 def _bump(weight: torch.Tensor) -> None:
     """Count a write through a raw pointer in ``weight``'s version (as an in-place op would)."""
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        bump(weight)
+    if _increment_version is not None:
+        _increment_version(weight)
 
 
 def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, alpha: float = 1.0,
