@@ -106,10 +106,10 @@ def _check_tiles(rows: torch.Tensor, tiles: torch.Tensor, span: tuple[int, int] 
 
 def _native_ok(rows: torch.Tensor, tiles: torch.Tensor, other: torch.Tensor, native: bool | None) -> bool:
     """Whether the C loop (:mod:`._tiles_native`) takes this call: CPU, contiguous, int64 tiles, and built."""
-    if native is False or rows.device.type != "cpu" or other.device.type != "cpu":
+    if native is False or not (rows.is_cpu and other.is_cpu and tiles.is_cpu):  # is_cpu: no device object per call
         return False
     ok = rows.is_contiguous() and other.is_contiguous() and tiles.is_contiguous() and tiles.dtype == torch.int64
-    return ok and tiles.device.type == "cpu" and _tiles_native.library() is not None
+    return ok and _tiles_native.library() is not None
 
 
 def _ahead(row_bytes: int) -> int:
@@ -153,8 +153,8 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
     """
     rows = _tile_view(weight, values.shape[1])  # (out * in / b, b)
     _check_tiles(rows, tiles, span)
-    if out is not None and (out.shape != values.shape or out.dtype != weight.dtype or out.device != weight.device
-                            or not out.is_contiguous()):
+    if out is not None and (out.shape != values.shape or out.dtype != weight.dtype or not out.is_contiguous()
+                            or out.device != weight.device):
         raise ValueError(f"tile_add: out must be a contiguous {tuple(values.shape)} {weight.dtype} tensor on "
                          f"{weight.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     if float(alpha) == 1.0 and _native_ok(rows, tiles, values, native):
