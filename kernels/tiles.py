@@ -25,9 +25,10 @@ ahead: the writes land on random lines of a weight far larger than the cache, so
 latency, and the row ops (``index_select`` / ``index_add_`` / ``index_copy_`` on a ``(-1, b)`` view, still the
 reference, the path for other devices, dtypes and ``alpha != 1``, and the fallback without a C compiler) keep
 only one tile's misses in flight. Measured on one CPU thread of a loaded 2-core machine, LLaMA-7B layer (7
-weights, 1.25 M values, ``benchmarks/README.md``, "Tile-structured SHiRA"): a switch takes 1.0 ms at b = 16
-and 64, 1.5 ms at b = 32 (the row ops, same machine: 3.4-5.6 ms; peft's hotswap 0.9 ms), 63-70% of a contiguous
-copy's bandwidth on its bytes.
+weights, 1.25 M values, ``benchmarks/README.md``, "Tile-structured SHiRA"): a bank switch takes 0.74-0.76 ms
+at b = 16, 32 and 64 (median of 31; the row ops, same machine: 3.4-5.6 ms; peft's hotswap 0.78 ms in the same
+run), 71-78% of a contiguous copy's bandwidth on its bytes. ``AdapterBank`` restores and applies weight by weight
+and passes the just-restored ``saved`` back as ``out`` (:meth:`~lightning_peft.deltas.MergeStack.replace`).
 The C loops give the row ops' bits (tests compare them, NaN and rounding included).
 """
 

@@ -41,6 +41,11 @@ Tile-structured adapters (SHiRA ``tile=b``: entries in 1 x b runs along ``in``) 
 (:func:`~lightning_peft.deltas.sparse_term`): one int64 per tile and ``(tiles, b)`` values, ``4 + 8 / b``
 bytes per fp32 entry (LoRA: 4 per parameter; 1.125x at b = 16), and a switch gathers, adds and copies back whole tiles,
 every byte in runs of ``4 b`` bytes, like a contiguous copy (SMT, ICLR 2025, switches blocks the same way).
+A switch (``activate``/``fuse`` while something is applied) goes weight by weight
+(:meth:`~lightning_peft.deltas.MergeStack.replace`): each weight's applied terms are undone last first, then the
+next adapters' terms applied, the same bits as ``deactivate`` followed by the applies (changes of different weights
+commute), and each new tile ``saved`` is written into a buffer the restore just freed, so a switch allocates
+nothing when the adapters have the same tile counts. A switch that fails leaves the base, bit-exactly.
 """
 
 from __future__ import annotations
