@@ -61,6 +61,7 @@ else:
         switch_bytes,
         tile_add,
         tile_restore,
+        tile_span,
     )
 
     __all__ = [
@@ -83,4 +84,5 @@ else:
         "switch_bytes",
         "tile_add",
         "tile_restore",
+        "tile_span",
     ]

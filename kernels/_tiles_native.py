@@ -168,6 +168,8 @@ def _build() -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     """The compiled loops (built once per process, cached on disk), or ``None`` where they cannot be built."""
+    if "lib" in _state:  # built (or refused) already: no lock on the switch path
+        return _state["lib"]
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _build()

@@ -25,9 +25,10 @@ ahead: the writes land on random lines of a weight far larger than the cache, so
 latency, and the row ops (``index_select`` / ``index_add_`` / ``index_copy_`` on a ``(-1, b)`` view, still the
 reference, the path for other devices, dtypes and ``alpha != 1``, and the fallback without a C compiler) keep
 only one tile's misses in flight. Measured on one CPU thread of a loaded 2-core machine, LLaMA-7B layer (7
-weights, 1.25 M values, ``benchmarks/README.md``, "Tile-structured SHiRA"): a switch takes 1.0 ms at b = 16
-and 64, 1.5 ms at b = 32 (the row ops, same machine: 3.4-5.6 ms; peft's hotswap 0.9 ms), 63-70% of a contiguous
-copy's bandwidth on its bytes.
+weights, 1.25 M values, ``benchmarks/README.md``, "Tile-structured SHiRA"): a bank switch takes 0.74-0.76 ms
+at b = 16, 32 and 64 (median of 31; the row ops, same machine: 3.4-5.6 ms; peft's hotswap 0.78 ms in the same
+run), 71-78% of a contiguous copy's bandwidth on its bytes. ``AdapterBank`` restores and applies weight by weight
+and passes the just-restored ``saved`` back as ``out`` (:meth:`~lightning_peft.deltas.MergeStack.replace`).
 The C loops give the row ops' bits (tests compare them, NaN and rounding included).
 """
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 from lightning_peft.kernels import _tiles_native
 
-__all__ = ["TILE_WIDTHS", "expand_tiles", "find_tiles", "switch_bytes", "tile_add", "tile_restore"]
+__all__ = ["TILE_WIDTHS", "expand_tiles", "find_tiles", "switch_bytes", "tile_add", "tile_restore", "tile_span"]
 
 TILE_WIDTHS = (16, 32, 64)  # 64 B, 128 B, 256 B runs in fp32: at least one cache line each
 
@@ -84,15 +85,21 @@ def find_tiles(flat: torch.Tensor, nonzero: torch.Tensor, in_features: int) -> t
     return None
 
 
-def _check_tiles(rows: torch.Tensor, tiles: torch.Tensor) -> None:
+def tile_span(tiles: torch.Tensor) -> tuple[int, int] | None:
+    """``(lowest, highest)`` tile number of ``tiles`` (``None`` when empty): what the bounds check of :func:`tile_add`
+    and :func:`tile_restore` needs, for a caller that holds the same tiles across many calls to compute once."""
+    return tuple(int(x) for x in torch.aminmax(tiles)) if tiles.numel() else None
+
+
+def _check_tiles(rows: torch.Tensor, tiles: torch.Tensor, span: tuple[int, int] | None = None) -> None:
     """Refuse tile numbers outside ``rows`` before anything is written (the C loop does not check; the row ops
-    would fail halfway, or wrap negative numbers).
+    would fail halfway, or wrap negative numbers). ``span``: :func:`tile_span` of ``tiles``, if the caller has it.
 
     Raises:
         IndexError: naming the span of the tile numbers and the weight's tile count.
     """
     if tiles.numel():
-        low, high = (int(x) for x in torch.aminmax(tiles))
+        low, high = span if span is not None else tile_span(tiles)
         if low < 0 or high >= rows.shape[0]:
             raise IndexError(f"tile numbers span [{low}, {high}] but the weight has {rows.shape[0]} tiles of "
                              f"{rows.shape[1]}; pass tiles of this weight (an adapter made for another shape?)")
@@ -100,10 +107,10 @@ def _check_tiles(rows: torch.Tensor, tiles: torch.Tensor) -> None:
 
 def _native_ok(rows: torch.Tensor, tiles: torch.Tensor, other: torch.Tensor, native: bool | None) -> bool:
     """Whether the C loop (:mod:`._tiles_native`) takes this call: CPU, contiguous, int64 tiles, and built."""
-    if native is False or rows.device.type != "cpu" or other.device.type != "cpu":
+    if native is False or not (rows.is_cpu and other.is_cpu and tiles.is_cpu):  # is_cpu: no device object per call
         return False
     ok = rows.is_contiguous() and other.is_contiguous() and tiles.is_contiguous() and tiles.dtype == torch.int64
-    return ok and tiles.device.type == "cpu" and _tiles_native.library() is not None
+    return ok and _tiles_native.library() is not None
 
 
 def _ahead(row_bytes: int) -> int:
@@ -111,15 +118,18 @@ def _ahead(row_bytes: int) -> int:
     return max(16, 4096 // row_bytes)
 
 
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
 def _bump(weight: torch.Tensor) -> None:
     """Count a write through a raw pointer in ``weight``'s version (as an in-place op would)."""
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        bump(weight)
+    if _increment_version is not None:
+        _increment_version(weight)
 
 
 def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, alpha: float = 1.0,
-             *, native: bool | None = None) -> torch.Tensor:
+             *, native: bool | None = None, out: torch.Tensor | None = None,
+             span: tuple[int, int] | None = None) -> torch.Tensor:
     """``W[tiles] += alpha * values`` in place; returns the overwritten tiles ``(T, b)`` for :func:`tile_restore`.
 
     Same dtype: ``index_add_`` (one rounding of ``w + alpha * v``, as :func:`~.scatter.scatter_add` in fp32).
@@ -133,24 +143,37 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
         values: ``(T, b)``.
         alpha: Scale of the delta.
         native: ``None``: the C loop where it applies; ``False``: PyTorch's row ops (the reference).
+        out: Where to save the overwritten tiles (returned): a contiguous ``(T, b)`` tensor of ``W``'s dtype and
+            device, e.g. the ``saved`` of an earlier :func:`tile_restore` (a switch then allocates nothing).
+            Default: a new tensor.
+        span: :func:`tile_span` of ``tiles`` (skips computing it; the bounds check itself still runs).
+
+    Raises:
+        IndexError: a tile number outside ``W`` (nothing written).
+        ValueError: ``out`` of another shape, dtype or device, or not contiguous.
     """
     rows = _tile_view(weight, values.shape[1])  # (out * in / b, b)
-    _check_tiles(rows, tiles)
+    _check_tiles(rows, tiles, span)
+    if out is not None and (out.shape != values.shape or out.dtype != weight.dtype or not out.is_contiguous()
+                            or out.device != weight.device):
+        raise ValueError(f"tile_add: out must be a contiguous {tuple(values.shape)} {weight.dtype} tensor on "
+                         f"{weight.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     if float(alpha) == 1.0 and _native_ok(rows, tiles, values, native):
         lib, n, b = _tiles_native.library(), tiles.numel(), values.shape[1]
         if weight.dtype == torch.float32 and values.dtype == torch.float32:
-            saved = torch.empty_like(values)
+            saved = torch.empty_like(values) if out is None else out
             lib.lp_tile_save_add_f32(weight.data_ptr(), tiles.data_ptr(), n, values.data_ptr(), saved.data_ptr(), b,
                                      _ahead(4 * b))
             _bump(weight)
             return saved
         if weight.dtype == torch.bfloat16 and values.dtype in (torch.float32, torch.bfloat16):
-            saved = torch.empty(values.shape, dtype=torch.bfloat16)
+            saved = torch.empty(values.shape, dtype=torch.bfloat16) if out is None else out
             lib.lp_tile_save_add_bf16(weight.data_ptr(), tiles.data_ptr(), n, values.data_ptr(),
                                       int(values.dtype == torch.bfloat16), saved.data_ptr(), b, _ahead(2 * b))
             _bump(weight)
             return saved
-    saved = rows.index_select(0, tiles)  # (T, b), the bits restore writes back
+    # (T, b), the bits restore writes back
+    saved = rows.index_select(0, tiles) if out is None else torch.index_select(rows, 0, tiles, out=out)
     if values.dtype == weight.dtype:
         rows.index_add_(0, tiles, values, alpha=alpha)
     else:
@@ -158,11 +181,13 @@ def tile_add(weight: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor, al
     return saved
 
 
-def tile_restore(weight: torch.Tensor, tiles: torch.Tensor, saved: torch.Tensor, *, native: bool | None = None) -> None:
+def tile_restore(weight: torch.Tensor, tiles: torch.Tensor, saved: torch.Tensor, *, native: bool | None = None,
+                 span: tuple[int, int] | None = None) -> None:
     """``W[tiles] = saved`` ``(T, b)``: undo one :func:`tile_add` bit-exactly (a C copy loop with prefetch on CPU,
-    else ``index_copy_``; ``native`` as in :func:`tile_add`)."""
+    else ``index_copy_``; ``native`` and ``span`` as in :func:`tile_add`). ``saved`` is only read: it may then be
+    handed to the next :func:`tile_add` as ``out``."""
     rows = _tile_view(weight, saved.shape[1])
-    _check_tiles(rows, tiles)
+    _check_tiles(rows, tiles, span)
     if saved.dtype == weight.dtype and _native_ok(rows, tiles, saved, native):
         row_bytes = saved.shape[1] * saved.element_size()
         _tiles_native.library().lp_tile_copy_in(weight.data_ptr(), tiles.data_ptr(), tiles.numel(), saved.data_ptr(),

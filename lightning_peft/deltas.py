@@ -21,7 +21,8 @@ Terms here: :class:`SparseTerm` (``W[index] += values``: SHiRA, RoSA's ``S``; it
 part; undone from a saved copy of ``W``, or by subtracting as peft's ``unmerge`` does) and
 :class:`WeightCopy` (no change: saves ``W`` before a caller changes it densely). :class:`MergeStack`
 keeps what each ``apply`` saved and restores in reverse order, so ``W`` comes back bit-exactly
-whatever was applied on top of what.
+whatever was applied on top of what; its ``replace`` (a switch: undo all, apply the next) does the same per
+weight in turn and hands restored tile buffers back to the next tile apply (``out=``, no allocation).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lightning_peft.kernels import (
     scatter_restore,
     tile_add,
     tile_restore,
+    tile_span,
 )
 
 __all__ = [
@@ -118,18 +120,28 @@ class TileTerm:
     tiles: torch.Tensor  # (T,) int64 tile numbers, sorted
     values: torch.Tensor  # (T, b), the method's scaling applied
     shape: tuple[int, int]
+    span: tuple[int, int] | None = field(init=False, repr=False, compare=False)  # tile_span(tiles), once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "span", tile_span(self.tiles))
 
     @property
     def width(self) -> int:
         return int(self.values.shape[1])
 
     def apply(self, weight: torch.Tensor, alpha: float = 1.0, *, use_triton: bool | None = None,
-              copy_undo: bool = True) -> torch.Tensor:
-        """Gather the ``T`` tiles (returned, for ``restore``), then add ``alpha * values`` into them."""
-        return tile_add(weight, self.tiles, self.values, float(alpha))
+              copy_undo: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather the ``T`` tiles (returned, for ``restore``; into ``out`` if given, see :meth:`saved_key`), then
+        add ``alpha * values`` into them."""
+        return tile_add(weight, self.tiles, self.values, float(alpha), out=out, span=self.span)
 
     def restore(self, weight: torch.Tensor, saved: torch.Tensor, *, use_triton: bool | None = None) -> None:
-        tile_restore(weight, self.tiles, saved)
+        tile_restore(weight, self.tiles, saved, span=self.span)
+
+    def saved_key(self, weight: torch.Tensor) -> tuple:
+        """What ``apply`` on ``weight`` saves, as ``(shape, dtype, device)``: a restored ``saved`` of the same key
+        may be passed back as ``apply``'s ``out`` (:meth:`MergeStack.replace` recycles them so)."""
+        return tuple(self.values.shape), weight.dtype, weight.device
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
@@ -198,6 +210,15 @@ class WeightCopy:
         weight.copy_(saved)
 
 
+def _storage(weight: torch.Tensor) -> tuple:
+    """Which memory ``weight`` lives in: changes of different storages commute, of one storage they do not."""
+    return weight.device, weight.untyped_storage().data_ptr()
+
+
+def _saved_key(saved: Any) -> tuple | None:
+    return (tuple(saved.shape), saved.dtype, saved.device) if isinstance(saved, torch.Tensor) else None
+
+
 @dataclass
 class MergeStack:
     """What each in-place change of a weight saved, undone in reverse order (:meth:`pop_all`)."""
@@ -220,6 +241,44 @@ class MergeStack:
         while self.entries:
             term, applied_to, saved = self.entries.pop()
             term.restore(applied_to if weight is None else weight, saved, use_triton=use_triton)
+
+    def replace(self, changes: list[tuple[Any, torch.Tensor, float]], *, use_triton: bool | None = None,
+                copy_undo: bool = True) -> None:
+        """:meth:`pop_all`, then :meth:`push` each ``(term, weight, alpha)`` of ``changes``: the same bits, done
+        weight by weight and without allocating where it can (a switch from one adapter to the next).
+
+        Changes of different storages commute, so each storage is finished in turn: its entries undone last first,
+        then the new changes of it applied in order (what ``pop_all`` and the pushes do to that storage), while its
+        tiles are still in the cache and TLB. A restored tile term's ``saved`` goes to a pool keyed by
+        ``(shape, dtype, device)`` that the next apply of a term with a matching ``saved_key`` writes into (``out=``);
+        the pool lives for this call only, so the memory held never exceeds what the stack held before.
+        If a change raises, the stack still undoes exactly what has been applied (unrestored old entries kept).
+        """
+        old, self.entries = self.entries, []
+        undo: dict[tuple, list[int]] = {}  # storage -> indices into old, in push order
+        for i, (_, applied_to, _) in enumerate(old):
+            undo.setdefault(_storage(applied_to), []).append(i)
+        todo: dict[tuple, list[tuple[Any, torch.Tensor, float]]] = {}
+        for change in changes:
+            todo.setdefault(_storage(change[1]), []).append(change)
+        pool: dict[tuple, list[torch.Tensor]] = {}
+        restored = [False] * len(old)
+        try:
+            for key in list(todo) + [k for k in undo if k not in todo]:
+                for i in reversed(undo.get(key, ())):
+                    term, applied_to, saved = old[i]
+                    term.restore(applied_to, saved, use_triton=use_triton)
+                    restored[i] = True
+                    if hasattr(term, "saved_key") and (k := _saved_key(saved)) is not None:
+                        pool.setdefault(k, []).append(saved)
+                for term, weight, alpha in todo.get(key, ()):
+                    spare = pool.get(term.saved_key(weight)) if hasattr(term, "saved_key") else None
+                    kw = {"out": spare.pop()} if spare else {}
+                    self.entries.append((term, weight, term.apply(weight, alpha, use_triton=use_triton,
+                                                                   copy_undo=copy_undo, **kw)))
+        except BaseException:
+            self.entries = [e for e, done in zip(old, restored) if not done] + self.entries
+            raise
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -274,3 +274,84 @@ def test_tile_numbers_outside_the_weight_are_refused_before_any_write(native: bo
         with pytest.raises(IndexError, match="tile numbers span"):
             tile_restore(w, torch.tensor(bad), values, native=native)
         assert _bits(w) == _bits(before)
+
+
+@pytest.mark.parametrize("native", [None, False])
+def test_tile_add_into_out_gives_the_same_bits_and_refuses_a_wrong_buffer(native: bool | None) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g)
+    tiles, values = torch.tensor([1, 5, 9, 40]), torch.randn(4, 16, generator=g)
+    ref, ours = w.clone(), w.clone()
+    saved_ref = tile_add(ref, tiles, values, native=native)
+    out = torch.full((4, 16), float("nan"))
+    assert tile_add(ours, tiles, values, native=native, out=out) is out
+    assert _bits(ours) == _bits(ref) and _bits(out) == _bits(saved_ref)
+    tile_restore(ours, tiles, out, native=native)
+    assert _bits(ours) == _bits(w)
+    for bad in (torch.empty(3, 16), torch.empty(4, 16, dtype=torch.float64), torch.empty(16, 4).T):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            tile_add(ours, tiles, values, native=native, out=bad)
+    assert _bits(ours) == _bits(w)
+
+
+def _terms(seed: int, shape: tuple[int, int] = (16, 64), b: int = 16, count: int = 12) -> TileTerm:
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.randperm(shape[0] * shape[1] // b, generator=g)[:count].sort().values
+    return TileTerm(tiles, torch.randn(count, b, generator=g) * 10 ** (seed % 5 - 2), shape)
+
+
+def test_merge_stack_replace_gives_pop_all_then_push_bits_and_reuses_the_buffers() -> None:
+    """Several terms per weight (a fusion; masks overlap), a weight changed by two kinds of term, a shared weight:
+    replace gives the same weights and saved bits as pop_all + pushes, and recycles the restored tile buffers."""
+    from lightning_peft.deltas import LowRankTerm, MergeStack
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(16, 64, generator=g) for _ in range(2)]
+    clean = [_bits(w) for w in ws]
+    low = LowRankTerm(torch.randn(2, 64, generator=g), torch.randn(16, 2, generator=g), 0.5)
+    first = [(_terms(1), ws[0], 1.0), (_terms(2), ws[0], 1.0), (low, ws[1], 1.0), (_terms(3), ws[1], 1.0)]
+    second = [(_terms(4), ws[1], 1.0), (_terms(5), ws[0], 1.0), (_terms(6), ws[0], 1.0), (low, ws[0], 1.0)]
+    for steps in ([first, second, first], [second, [], first], [first, first]):
+        ref_ws = [w.clone() for w in ws]
+        ref, ours = MergeStack(), MergeStack()
+        ref_map = {id(w): r for w, r in zip(ws, ref_ws, strict=True)}
+        for changes in steps:
+            ref.pop_all()
+            for term, w, alpha in changes:
+                ref.push(term, ref_map[id(w)], alpha)
+            kept = {e[2].data_ptr() for e in ours.entries if isinstance(e[0], TileTerm)}
+            ours.replace(changes)
+            assert [_bits(w) for w in ws] == [_bits(w) for w in ref_ws]
+            got = [e[2] for e in ours.entries if isinstance(e[0], TileTerm)]
+            want = [e[2] for e in ref.entries if isinstance(e[0], TileTerm)]
+            assert sorted(_bits(s) for s in got) == sorted(_bits(s) for s in want)
+            reused = sum(s.data_ptr() in kept for s in got)
+            assert reused == min(len(kept), len(got))  # every tile term here saves a (12, 16) fp32 buffer
+        ours.pop_all()
+        assert [_bits(w) for w in ws] == clean
+
+
+def test_merge_stack_replace_that_fails_still_restores_the_base() -> None:
+    from lightning_peft.deltas import MergeStack
+
+    ws = [torch.randn(16, 64), torch.randn(16, 64)]
+    clean = [_bits(w) for w in ws]
+    stack = MergeStack()
+    stack.replace([(_terms(1), ws[0], 1.0), (_terms(2), ws[1], 1.0)])
+    bad = TileTerm(torch.tensor([0, 64]), torch.ones(2, 16), (16, 64))  # tile 64 lies outside a 16 x 64 weight
+    with pytest.raises(IndexError):
+        stack.replace([(_terms(3), ws[0], 1.0), (bad, ws[0], 1.0), (_terms(4), ws[1], 1.0)])
+    stack.pop_all()
+    assert [_bits(w) for w in ws] == clean
+
+
+def test_bank_fuse_that_fails_leaves_the_base_and_nothing_active() -> None:
+    base = _base()
+    clean = {k: _bits(v) for k, v in base.state_dict().items()}
+    bank = lp.AdapterBank(base).add("a", _tile_net(1)).add("b", _tile_net(2))
+    bank.activate("a")
+    path, term = bank.adapters["b"][-1]
+    bank.adapters["b"][-1] = (path, TileTerm(term.tiles + 10**6, term.values, term.shape))  # tiles outside W
+    with pytest.raises(IndexError):
+        bank.activate("b")
+    assert bank.active == {} and {k: _bits(v) for k, v in base.state_dict().items()} == clean
