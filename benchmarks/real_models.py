@@ -199,7 +199,7 @@ def report(sweep_task: str) -> None:
     csv_rows, fig, axes = [], *plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
     for ax, (task, info) in zip(axes, TASKS.items()):
         metrics = [info["metric"], *info.get("also", [])]
-        lines += ["", f"### {task}: 3 seeds at each method's best lr (mean ± std)", "",
+        lines += ["", f"### {task}: the seeds run at each method's best lr (mean ± std over n seeds)", "",
                   "| method | lr | trainable | " + " | ".join(metrics) + " | train tokens/s | peak RSS MB |",
                   "|---|---:|---:|" + "---:|" * (len(metrics) + 2)]
         lora = [r["score"] for r in rows if r["task"] == task and r["method"] == "lora" and r["lr"] == lrs.get("lora")]
