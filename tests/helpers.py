@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -76,6 +77,28 @@ class PlainNet(nn.Module):
 
     def forward(self, ids):
         return self.head(self.blocks(self.embed(ids)))
+
+
+def plain_base(width: int = 24) -> PlainNet:
+    """The base every bank test adapts: ``PlainNet(width)`` built under seed 0."""
+    torch.manual_seed(0)
+    return PlainNet(width=width)
+
+
+def shira_net(seed: int, width: int = 24, **shira: Any) -> PlainNet:
+    """:func:`plain_base` holding one SHiRA adapter (mask seed ``seed``, ``shira`` passed to ``lp.SHiRA``) whose
+    values are random (generator seed ``100 + seed``), so adapters of different seeds differ everywhere."""
+    import lightning_peft as lp
+
+    net = plain_base(width)
+    lp.SHiRA(seed=seed, **shira).inject(net)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if hasattr(module, "shira_weight"):
+                w = module.shira_weight["default"]
+                w.copy_(torch.randn(w.shape, generator=g))
+    return net
 
 
 class WrappedPlainLM(_LMBase):

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainNet, WrappedPlainLM, token_loader
+from helpers import PlainNet, WrappedPlainLM, plain_base, shira_net, token_loader
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,20 +21,11 @@ TARGETS = ("blocks.0", "blocks.2")
 
 def _shira_net(seed: int, density: float = 0.1) -> PlainNet:
     """A PlainNet (base seed 0) holding one SHiRA adapter with random values (mask seed ``seed``)."""
-    torch.manual_seed(0)
-    net = PlainNet()
-    lp.SHiRA(density=density, mask="random", seed=seed).inject(net)
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for name in TARGETS:
-            w = net.get_submodule(name).shira_weight["default"]
-            w.copy_(torch.randn(w.shape, generator=g))
-    return net
+    return shira_net(seed, density=density, mask="random")
 
 
 def _base() -> PlainNet:
-    torch.manual_seed(0)
-    return PlainNet()
+    return plain_base()
 
 
 def _bits(net: torch.nn.Module) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import PlainNet, WrappedPlainLM, token_loader
+from helpers import PlainNet, WrappedPlainLM, plain_base, shira_net, token_loader
 from lightning_peft.kernels import SparseIndex, tile_add, tile_restore
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from torch._dynamo.utils import counters
@@ -39,20 +39,11 @@ def _bits(t: torch.Tensor) -> bytes:
 
 def _tile_net(seed: int, tile: int = 16, density: float = 0.1, mask: str = "wm") -> PlainNet:
     """PlainNet(width=32), base seed 0, one tile SHiRA adapter with random values (seed ``seed``)."""
-    torch.manual_seed(0)
-    net = PlainNet(width=32)
-    lp.SHiRA(density=density, mask=mask, seed=seed, tile=tile, target_modules=list(TARGETS)).inject(net)
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for name in TARGETS:
-            w = net.get_submodule(name).shira_weight["default"]
-            w.copy_(torch.randn(w.shape, generator=g))
-    return net
+    return shira_net(seed, width=32, density=density, mask=mask, tile=tile, target_modules=list(TARGETS))
 
 
 def _base() -> PlainNet:
-    torch.manual_seed(0)
-    return PlainNet(width=32)
+    return plain_base(width=32)
 
 
 # ---------------------------------------------------------------------------- masks and budget
