@@ -142,7 +142,9 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         return None
     key = hashlib.sha256((_SOURCE + cc).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LIGHTNING_PEFT_CACHE", Path.home() / ".cache" / "lightning_peft"))
+    from lightning_peft.zoo.cache import cache_root
+
+    root = cache_root()
     lib = root / f"tiles_{key}.so"
     try:
         if not lib.exists():
