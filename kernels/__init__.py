@@ -10,7 +10,7 @@ sparse index format    :mod:`.sparse_index`          (``SparseIndex``: sorted CO
 SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference`` (CPU: ``sampled_addmm``)
 scatter set/add/undo   :mod:`.scatter`               ``scatter_*_reference``
 sparse-delta linear    :mod:`.sparse_linear`         ``sparse_delta_linear_reference``
-tile add/undo          :mod:`.tiles`                 PyTorch row ops (CPU: a C loop, same bits)
+tile add/undo, x S^T   :mod:`.tiles`                 PyTorch row ops (CPU: C loops)
 =====================  ============================  =====================================
 
 Dispatch (every op's ``use_triton`` argument): ``None`` runs Triton on CUDA tensors and the
@@ -60,6 +60,7 @@ else:
         find_tiles,
         switch_bytes,
         tile_add,
+        tile_linear_add,
         tile_restore,
         tile_span,
     )
@@ -83,6 +84,7 @@ else:
         "sparse_delta_linear_reference",
         "switch_bytes",
         "tile_add",
+        "tile_linear_add",
         "tile_restore",
         "tile_span",
     ]

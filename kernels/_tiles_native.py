@@ -122,6 +122,53 @@ LP_CLONES void lp_tile_save_add_bf16(uint16_t *w, const int64_t *t, int64_t n, c
     LP_BY_WIDTH(b, LP_ADD)
 #undef LP_ADD
 }
+
+/* y[rows[k], t[i] / nb] += dot(x[rows[k], (t[i] % nb) * b + [0, b)], v[i]) for every tile i and row k: a tile
+ * delta's share of a linear layer's output (x S^T) for the rows that name it, added into y in place. x (R, in) and
+ * y (R, out) row-major; rows in blocks of LP_MM_ROWS so their x stays in cache while the tiles stream by. The dot
+ * keeps 16 lane sums (vectorized without reassociating: the same order every call) and adds them up at the end. */
+#define LP_MM_ROWS 16
+typedef float lp_v16 __attribute__((vector_size(64)));
+typedef float lp_v8 __attribute__((vector_size(32)));
+typedef float lp_v4 __attribute__((vector_size(16)));
+static inline float lp_dot(const float *restrict x, const float *restrict v, int64_t b) {
+    lp_v16 acc = {0}, a, c;
+    for (int64_t j = 0; j < b; j += 16) {
+        memcpy(&a, x + j, sizeof a);
+        memcpy(&c, v + j, sizeof c);
+        acc += a * c;
+    }
+    lp_v8 lo, hi;
+    memcpy(&lo, &acc, sizeof lo);
+    memcpy(&hi, (const char *)&acc + sizeof lo, sizeof hi);
+    lo += hi;
+    lp_v4 q0, q1;
+    memcpy(&q0, &lo, sizeof q0);
+    memcpy(&q1, (const char *)&lo + sizeof q0, sizeof q1);
+    q0 += q1;
+    return (q0[0] + q0[2]) + (q0[1] + q0[3]);
+}
+
+LP_CLONES void lp_tile_matmul_f32(const float *restrict x, int64_t in, float *restrict y, int64_t out,
+                                  const int64_t *restrict rows, int64_t nr, const int64_t *restrict t, int64_t n,
+                                  const float *restrict v, int64_t b) {
+    const int64_t nb = in / b;
+    /* the tile's row walks up with sorted tiles (no integer division per tile); unsorted ones divide */
+#define LP_MM(B)                                                                        \
+    for (int64_t k0 = 0; k0 < nr; k0 += LP_MM_ROWS) {                                   \
+        const int64_t k1 = k0 + LP_MM_ROWS < nr ? k0 + LP_MM_ROWS : nr;                 \
+        int64_t r = 0, first = 0; /* first = r * nb */                                  \
+        for (int64_t i = 0; i < n; ++i) {                                               \
+            if (t[i] < first) { r = t[i] / nb; first = r * nb; }                        \
+            while (t[i] - first >= nb) { ++r; first += nb; }                            \
+            const float *xc = x + (t[i] - first) * (B), *vi = v + i * (B);              \
+            for (int64_t k = k0; k < k1; ++k)                                           \
+                y[rows[k] * out + r] += lp_dot(xc + rows[k] * in, vi, (B));             \
+        }                                                                               \
+    }
+    LP_BY_WIDTH(b, LP_MM)
+#undef LP_MM
+}
 """
 
 _lock = threading.Lock()
@@ -163,7 +210,8 @@ def _build() -> ctypes.CDLL | None:
     dll.lp_tile_copy_in.argtypes = [p, p, i64, p, i64, i64]
     dll.lp_tile_save_add_f32.argtypes = [p, p, i64, p, p, i64, i64]
     dll.lp_tile_save_add_bf16.argtypes = [p, p, i64, p, i64, p, i64, i64]
-    for f in (dll.lp_tile_copy_in, dll.lp_tile_save_add_f32, dll.lp_tile_save_add_bf16):
+    dll.lp_tile_matmul_f32.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64]
+    for f in (dll.lp_tile_copy_in, dll.lp_tile_save_add_f32, dll.lp_tile_save_add_bf16, dll.lp_tile_matmul_f32):
         f.restype = None
     return dll
 

@@ -37,7 +37,9 @@ from __future__ import annotations
 import torch
 from lightning_peft.kernels import _tiles_native
 
-__all__ = ["TILE_WIDTHS", "expand_tiles", "find_tiles", "switch_bytes", "tile_add", "tile_restore", "tile_span"]
+__all__ = [
+    "TILE_WIDTHS", "expand_tiles", "find_tiles", "switch_bytes", "tile_add", "tile_linear_add", "tile_restore", "tile_span",
+]
 
 TILE_WIDTHS = (16, 32, 64)  # 64 B, 128 B, 256 B runs in fp32: at least one cache line each
 
@@ -201,3 +203,52 @@ def switch_bytes(values: torch.Tensor, weight_itemsize: int) -> int:
     """Bytes one switch into and out of a tile delta moves: restore ``2 S``, gather ``2 S``, add ``2 S`` plus
     the values read (``7 S`` when values and ``W`` share a dtype; see the module docstring)."""
     return 6 * values.numel() * weight_itemsize + values.numel() * values.element_size()
+
+
+# Rows of the reference path's (rows, T, b) gather at a time: ~16 MB fp32 per chunk at most.
+_GATHER_ELEMS = 1 << 22
+
+
+def tile_linear_add(y: torch.Tensor, x: torch.Tensor, tiles: torch.Tensor, values: torch.Tensor,
+                    rows: torch.Tensor | None = None, *, native: bool | None = None) -> None:
+    """``y[rows] += x[rows] S^T`` in place: a tile delta's share of a linear layer's output, the weight unfused.
+
+    What a batch whose rows name different adapters needs (:meth:`lightning_peft.AdapterBank.mixed`): the base GEMM
+    once over the batch, then each adapter's delta on its rows. ``S`` ``(out, in)`` holds ``values[i]`` at tile
+    ``tiles[i]`` (row ``tiles[i] // (in / b)``, columns ``(tiles[i] % (in / b)) * b + [0, b)``), so the cost is
+    ``rows * T * b`` multiply-adds, as LoRA's ``rows * r * (in + out)`` at the same trainable count. On CPU in fp32 a
+    C loop (:mod:`._tiles_native`) takes 16 rows at a time past every tile (one 16-lane product per 16 columns, then
+    the lanes summed; ``b`` a multiple of 16); elsewhere (and for an unstructured delta as tiles of width 1) the row ops gather ``x``'s tile columns ``(rows, T, b)`` in chunks and ``index_add_``
+    the products into ``y``'s columns. ``tiles`` need not be sorted (sorted is faster in C).
+
+    Args:
+        y: ``(R, out)`` contiguous, written in place.
+        x: ``(R, in)``, ``y``'s dtype and device.
+        tiles: ``(T,)`` int64 tile numbers.
+        values: ``(T, b)``; ``b`` divides ``in``.
+        rows: ``(k,)`` int64 row numbers of ``x`` and ``y`` (unique); ``None``: every row.
+        native: ``None``: the C loop where it applies; ``False``: the row ops (the reference).
+
+    Raises:
+        ValueError: shapes that do not fit; IndexError: a tile number outside ``S``.
+    """
+    b, (n_rows, out), inp = values.shape[1], y.shape, x.shape[-1]
+    if x.shape[0] != n_rows or x.ndim != 2 or y.ndim != 2 or not y.is_contiguous() or inp % b:
+        raise ValueError(f"tile_linear_add needs y (R, out) contiguous and x (R, in) with b={b} dividing in, got "
+                         f"y {tuple(y.shape)} (contiguous: {y.is_contiguous()}) and x {tuple(x.shape)}")
+    _check_tiles(torch.empty(out * inp // b, 0), tiles)
+    rows = torch.arange(n_rows, device=y.device) if rows is None else rows.long()
+    if (native is not False and b % 16 == 0 and y.dtype == x.dtype == values.dtype == torch.float32 and y.is_cpu
+            and x.is_cpu and tiles.dtype == torch.int64 and _tiles_native.library() is not None):
+        x, tiles, values, rows = x.contiguous(), tiles.contiguous(), values.contiguous(), rows.contiguous()
+        _tiles_native.library().lp_tile_matmul_f32(x.data_ptr(), inp, y.data_ptr(), out, rows.data_ptr(), rows.numel(),
+                                                   tiles.data_ptr(), tiles.numel(), values.data_ptr(), b)
+        return
+    tiles = tiles.long()
+    out_row, block = tiles // (inp // b), tiles % (inp // b)  # (T,) each
+    step = max(1, _GATHER_ELEMS // max(1, tiles.numel() * b))
+    for lo in range(0, rows.numel(), step):
+        r = rows[lo: lo + step]
+        gathered = x.index_select(0, r).view(r.numel(), inp // b, b).index_select(1, block)  # (k, T, b)
+        part = (gathered * values.to(x.dtype)).sum(-1)  # (k, T)
+        y.index_add_(0, r, torch.zeros(r.numel(), out, dtype=y.dtype, device=y.device).index_add_(1, out_row, part))

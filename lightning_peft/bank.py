@@ -50,7 +50,7 @@ nothing when the adapters have the same tile counts. A switch that fails leaves 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +71,7 @@ from lightning_peft.deltas import (
     sparse_term,
 )
 from lightning_peft.fingerprint import find_base_model
+from lightning_peft.mixed_batch import mixed_rows
 from lightning_peft.registry import method_specs, spec_for_layer, spec_for_peft_type
 
 __all__ = ["AdapterBank", "LowRankTerm", "SparseTerm", "TileTerm", "lora_scale", "sparse_term"]
@@ -153,8 +154,9 @@ class AdapterBank:
         self.adapters.pop(name)
         self.kinds.pop(name)
 
-    def _weight(self, path: str) -> torch.Tensor:
-        """The weight at ``path`` (relative to the base model; else the one module whose name ends with it)."""
+    def _layer(self, path: str) -> nn.Module:
+        """The layer at ``path`` (relative to the base model; else the one module whose name ends with it), unwrapped
+        from a peft tuner layer."""
         if path not in self._paths:
             names = [n for n, _ in self.base.named_modules()]
             found = [n for n in names if n == path] or [n for n in names if n.endswith("." + path)]
@@ -167,9 +169,10 @@ class AdapterBank:
         module = self.base
         for part in self._paths[path]:  # get_submodule's walk without its checks (resolved above): 1 us, not 8
             module = module._modules[part]
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        return module.weight.data
+        return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+    def _weight(self, path: str) -> torch.Tensor:
+        return self._layer(path).weight.data
 
     def held_bytes(self, name: str) -> int:
         """Bytes adapter ``name`` keeps in the bank: values and positions of every term (cached offsets included)."""
@@ -222,6 +225,58 @@ class AdapterBank:
             yield self
         finally:
             self.deactivate()
+
+    # ------------------------------------------------------------------ mixed-adapter batches
+    @contextmanager
+    def mixed(self, adapters: Sequence[str | None]) -> Iterator[AdapterBank]:
+        """Context manager: forwards inside it run each batch row with its own adapter, the base weights unfused.
+
+        ``with bank.mixed(["sql", "chat", None, "sql"]): model(input_ids)``: row ``i`` of the batch uses
+        ``adapters[i]`` (``None``: the bare base); the base GEMM runs once over the batch and each adapter's delta
+        is added on its rows (:mod:`lightning_peft.mixed_batch`), as peft's ``adapter_names=`` does for LoRA.
+        Whatever is applied is undone first. Inference only (``torch.no_grad()`` / ``inference_mode()``).
+
+        Raises:
+            KeyError: an unknown adapter name.
+            ValueError: no names, or an adapted layer that is not an ``nn.Linear`` (e.g. GPT-2's ``Conv1D``: switch
+                with :meth:`activate` instead).
+        """
+        if not adapters:
+            raise ValueError("AdapterBank.mixed needs one adapter name (or None for the base) per batch row, got none")
+        named = list(dict.fromkeys(a for a in adapters if a is not None))
+        unknown = [n for n in named if n not in self.adapters]
+        if unknown:
+            raise KeyError(f"AdapterBank holds no adapter {unknown[0]!r}; it holds {self.names()}")
+        terms: dict[str, dict[str, list[DeltaTerm]]] = {n: {} for n in named}
+        for name in named:
+            for path, term in self.adapters[name]:
+                terms[name].setdefault(path, []).append(term)
+        layers = {path: self._layer(path) for name in named for path in terms[name]}
+        wrong = [p for p, m in layers.items() if not isinstance(m, nn.Linear)]
+        if wrong:
+            raise ValueError(f"AdapterBank.mixed adds deltas to nn.Linear outputs, but {wrong[0]} is a "
+                             f"{type(layers[wrong[0]]).__name__}; serve this model one adapter at a time (activate)")
+        self.deactivate()
+        with mixed_rows(layers, terms, list(adapters)):
+            yield self
+
+    def generate(self, inputs: torch.Tensor | Mapping[str, torch.Tensor], adapters: Sequence[str | None],
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """``generate`` with batch row ``i`` under ``adapters[i]`` (:meth:`mixed`), under ``torch.no_grad()``.
+
+        Args:
+            inputs: ``input_ids`` ``(batch, tokens)``, or a tokenizer's output (``input_ids``, ``attention_mask``).
+            adapters: One adapter name (or ``None``: the base) per row.
+            **generate_kwargs: Passed to the model's ``generate`` (``max_new_tokens``, ``num_beams``, ...).
+
+        Returns:
+            What the model's ``generate`` returns.
+        """
+        model = self.model if hasattr(self.model, "generate") else self.base
+        with torch.no_grad(), self.mixed(adapters):
+            if isinstance(inputs, torch.Tensor):
+                return model.generate(inputs, **generate_kwargs)
+            return model.generate(**inputs, **generate_kwargs)
 
     # ------------------------------------------------------------------ Lightning
     def validate(

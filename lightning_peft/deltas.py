@@ -12,6 +12,8 @@ adapters the same way. A term is a small protocol (:class:`DeltaTerm`):
 ``to``         the same term on another device
 ``shape``      the ``(rows, cols)`` of the weight it is made for
 ``nbytes``     the bytes the term holds (values and positions)
+``linear_add`` ``y[rows] += alpha * x[rows] delta^T``: the delta's share of a linear layer's output, ``W`` unfused
+               (a batch whose rows name different adapters, :meth:`AdapterBank.mixed <lightning_peft.AdapterBank.mixed>`)
 =============  ==========================================================================
 
 Terms here: :class:`SparseTerm` (``W[index] += values``: SHiRA, RoSA's ``S``; its undo writes the
@@ -39,6 +41,7 @@ from lightning_peft.kernels import (
     scatter_add,
     scatter_restore,
     tile_add,
+    tile_linear_add,
     tile_restore,
     tile_span,
 )
@@ -73,6 +76,8 @@ class DeltaTerm(Protocol):
     @property
     def nbytes(self) -> int: ...
 
+    def linear_add(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None: ...
+
 
 @dataclass(frozen=True)
 class SparseTerm:
@@ -100,6 +105,11 @@ class SparseTerm:
 
     def to(self, device: torch.device | str) -> SparseTerm:
         return SparseTerm(self.index.to(device), self.values.to(device))
+
+    def linear_add(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
+        """``y[rows] += alpha * x[rows] S^T``: the entries as tiles of width 1 (:func:`~lightning_peft.kernels.tile_linear_add`)."""
+        flat, values = self.index.offsets(self.index.shape[1], 1), self.values.view(-1, 1)  # (nnz,), (nnz, 1)
+        tile_linear_add(y, x, flat, values if alpha == 1.0 else values * alpha, rows)
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +161,10 @@ class TileTerm:
     def to(self, device: torch.device | str) -> TileTerm:
         return TileTerm(self.tiles.to(device), self.values.to(device), self.shape)
 
+    def linear_add(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
+        """``y[rows] += alpha * x[rows] S^T`` by :func:`~lightning_peft.kernels.tile_linear_add`."""
+        tile_linear_add(y, x, self.tiles, self.values if alpha == 1.0 else self.values * alpha, rows)
+
     @property
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.tiles.numel() * self.tiles.element_size()
@@ -192,6 +206,14 @@ class LowRankTerm:
 
     def to(self, device: torch.device | str) -> LowRankTerm:
         return LowRankTerm(self.A.to(device), self.B.to(device), self.scale, self.transpose)
+
+    def linear_add(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
+        """``y[rows] += alpha * scale * (x[rows] A^T) B^T``: LoRA's unmerged branch (an ``nn.Linear`` layout only)."""
+        if self.transpose:
+            raise ValueError("LowRankTerm.linear_add computes x (B A)^T for an nn.Linear weight (out, in); this term is "
+                             "for a fan_in_fan_out (Conv1D) weight: apply it with AdapterBank.activate instead")
+        y.index_add_(0, rows, (x.index_select(0, rows) @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T,
+                     alpha=alpha * self.scale)
 
     @property
     def nbytes(self) -> int:

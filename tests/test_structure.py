@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "lightning_peft.wheels", "lightning_peft.zoo")),
     ("adapter core: registry, callback, checkpoints, folders, bank", (
         "lightning_peft.adapter_io", "lightning_peft.bank", "lightning_peft.callback", "lightning_peft.checkpointing",
-        "lightning_peft.fingerprint", "lightning_peft.registry")),
+        "lightning_peft.fingerprint", "lightning_peft.mixed_batch", "lightning_peft.registry")),
     ("adapter methods", ("lightning_peft.methods", "lightning_peft.peft_compat")),
     ("strategies", ("lightning_peft.plugins",)),
     ("training: tasks, module, regularisers, model loading", (
