@@ -46,6 +46,10 @@ A switch (``activate``/``fuse`` while something is applied) goes weight by weigh
 next adapters' terms applied, the same bits as ``deactivate`` followed by the applies (changes of different weights
 commute), and each new tile ``saved`` is written into a buffer the restore just freed, so a switch allocates
 nothing when the adapters have the same tile counts. A switch that fails leaves the base, bit-exactly.
+
+Mixed-adapter batches (:meth:`AdapterBank.mixed`, :meth:`AdapterBank.generate` with ``adapters=[...]``): no adapter is
+fused; each row of the batch gets its own adapter's delta added to the adapted layers' outputs
+(:mod:`lightning_peft.mixed_batch`), as multi-LoRA servers and peft's ``adapter_names=`` do for LoRA.
 """
 
 from __future__ import annotations
