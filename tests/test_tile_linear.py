@@ -13,15 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
+from helpers import shira_net
 from lightning_peft.kernels import (
+    expand_tiles,
     tile_delta_linear,
     tile_delta_linear_reference,
     tile_sddmm,
     tile_sddmm_reference,
 )
+from lightning_peft.kernels import tile_linear as tile_linear_module
 from lightning_peft.kernels._utils import interpreter_ready
 from lightning_peft.kernels.tile_linear import _tile_sddmm_kernel
 from torch._dynamo.utils import counters
+
+from lightning_peft.methods._sparse import core as core_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_triton = pytest.mark.skipif(
@@ -227,3 +232,106 @@ def test_tile_delta_linear_compiles_fullgraph_as_one_opaque_node() -> None:
     torch.testing.assert_close(loss, fn(*leaves), atol=1e-5, rtol=1e-5)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- SHiRA layers train through it
+TARGETS = ["blocks.0", "blocks.2"]  # PlainNet(width=32): 32 -> 64 -> 32
+
+
+def _net(tile: int | None, density: float = 0.05):  # type: ignore[no-untyped-def]
+    return shira_net(1, width=32, density=density, mask="wm", tile=tile, target_modules=TARGETS)
+
+
+class _Spy:
+    """Counts calls of a module-level function (patched by monkeypatch), then calls it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
+        self.real, self.calls = getattr(module, name), 0
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def _step(net) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    ids = torch.randint(0, 101, (3, 11), generator=torch.Generator().manual_seed(5))
+    net.zero_grad()
+    loss = net(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def test_tiled_shira_values_are_tile_by_tile_and_train_through_the_tile_op(monkeypatch) -> None:
+    net = _net(16)
+    for path in TARGETS:
+        layer = net.get_submodule(path)
+        tiles, b = layer.sparse_tiles(["default"], layer.sparse_index("default"))
+        assert b == 16 and tiles.dtype == torch.int64
+        assert torch.equal(layer.sparse_index("default").flat(), expand_tiles(tiles, b))  # sorted = tile by tile
+        delta = layer.get_delta_weight("default")  # (out, in), placed from (row, col): values.view(T, b) are tiles
+        assert torch.equal(delta.view(-1, b)[tiles], layer.shira_weight["default"].detach().view(-1, b))
+
+    op = _Spy(monkeypatch, tile_linear_module, "_forward_op")
+    unstructured = _Spy(monkeypatch, core_module, "sparse_delta_linear")
+    loss, grads = _step(net)
+    assert op.calls == 2 and unstructured.calls == 0
+    assert all(bool(g.abs().sum() > 0) for g in grads.values())
+
+    monkeypatch.setattr(core_module.SparseDeltaCore, "sparse_tiles", lambda self, adapters, index: None)
+    loss_u, grads_u = _step(net)  # the same positions through the unstructured op
+    assert unstructured.calls == 2 and op.calls == 2
+    assert torch.equal(loss, loss_u)  # the same merged bits, the same GEMM
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_u[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_unstructured_masks_and_the_dense_fallback_keep_their_paths(monkeypatch) -> None:
+    op = _Spy(monkeypatch, tile_linear_module, "_forward_op")
+    unstructured = _Spy(monkeypatch, core_module, "sparse_delta_linear")
+    _step(_net(None))
+    assert (op.calls, unstructured.calls) == (0, 2)
+    _step(_net(16, density=0.5))  # training above DENSE_FALLBACK_DENSITY["cpu"]: dense GEMM + gather
+    assert (op.calls, unstructured.calls) == (0, 2)
+
+
+def test_tiles_are_found_once_per_adapter_and_again_after_the_mask_changes(monkeypatch) -> None:
+    found = _Spy(monkeypatch, core_module, "find_tiles")
+    net = _net(16)
+    layer = net.get_submodule("blocks.0")
+    assert found.calls == 2  # one per layer, when the adapter was added (eagerly: a compiled forward finds them)
+    _step(net)
+    _step(net)
+    assert found.calls == 2
+    index = layer.sparse_index("default")
+    shifted = type(index).from_flat((index.flat() + 1) % (64 * 32), (64, 32))  # no longer whole tiles
+    layer.set_mask("default", shifted)
+    assert found.calls == 3 and layer.sparse_tiles(["default"], shifted) is None
+    op = _Spy(monkeypatch, tile_linear_module, "_forward_op")
+    _step(net)
+    assert op.calls == 1  # blocks.2 only
+    layer.load_state_dict(layer.state_dict())  # a load finds them again once the positions are in place
+    assert found.calls == 4
+
+
+def test_compiled_tiled_shira_trains_through_the_tile_op_without_graph_breaks() -> None:
+    net = _net(16)
+    eager_loss, eager_grads = _step(net)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[str] = []
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm)
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiled = torch.compile(net, fullgraph=True, backend=aot_autograd(fw_compiler=backend, bw_compiler=backend))
+    loss, grads = _step(compiled)
+    assert not counters["graph_break"]
+    assert graphs[0].count("lightning_peft.tile_delta_linear.default") == 2
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-6)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[f"_orig_mod.{name}"] if f"_orig_mod.{name}" in grads else grads[name], g,
+                                   atol=1e-6, rtol=1e-5, msg=name)
