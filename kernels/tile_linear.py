@@ -22,39 +22,35 @@ gradient of a group of ``m_c`` tiles is one GEMM ``dO[:, rows_c]^T (m_c, N) @ X[
 section 3), never the dense ``(out, in)`` ``dW`` (``2 N out in``), and each ``X`` block is read once per group
 instead of once per position.
 
-CPU (:func:`tile_sddmm_reference`): ``dO^T`` made contiguous once ``(out, N)``, then per non-empty column
-block a row gather ``(m_c, N)`` (at most ``out x N``: a temporary no larger than ``dO``) and one ``torch.mm``
-with ``X``'s column slice. Candidates measured on one thread of a shared, loaded 2-core machine (load average
-3-4.5, medians of 5, so +-30%; random tiles of 16; ``dS`` in ms)::
+CPU (:func:`tile_sddmm_reference`): ``dO^T`` copied contiguous once ``(out, N)``, then per non-empty column
+block a row gather ``(m_c, N)`` (``m_c <= out``: a temporary no larger than ``dO``) and one ``torch.mm`` with
+``X``'s column slice. Measured on one thread of a shared 2-core machine under load (load average 3.5-4.5, so
++-30% between runs), random tiles of 16, ``dS`` in ms; the first two rows are ranges over fp32 and bf16 and 3
+interleaved runs (medians of 7), the dense row fp32 / bf16 from one run, N = 2048 one run in fp32::
 
-    W 1536 x 576, d = 2.3% (1272 tiles)   N=256 fp32 / bf16   N=512 fp32 / bf16
-      SDDMM on the expanded positions       2.3-3.0 / 2.5-6.5    4.2-7.6 / 5.7-9.6
-      this (per-block row gather + mm)      1.6 / 1.8            2.3 / 8.0 (noise; 2.4 in another run)
-      one gather of all dO columns + mm     1.0-1.3 / 1.2-1.5    1.8-1.9 / 2.7
-      padded bmm over column blocks         3.8 / 7.7            10.9 / 11.3
-      einsum on gathered X (N, T, b)        27 / 27              130 / 125
-      dense dW = dO^T X, then gather        6-15 / 34-42         12-20 / 75-92
-    W 4096 x 4096, d = 1% (10486 tiles)
-      SDDMM on the expanded positions       19-24 / 24-25        38-45 / 39-42
-      this (per-block row gather + mm)      17 / 21              29 / 31
-      one gather of all dO columns + mm     22 / 20-22           34-41 / 36-44
-      padded bmm over column blocks         26-36 / 28-30        70-75 / 56-79
-      einsum on gathered X (N, T, b)        376 / 485            847 / 519
-      dense dW = dO^T X, then gather        212-245 / 265+       355-470 / 320+
+                                W 1536 x 576, 2.3% (1272 tiles)           W 4096 x 4096, 1% (10486 tiles)
+                                N=256       N=512       N=2048            N=256     N=512     N=2048
+    this                        3.4-4.3     4.8-10      32                23-39     43-85     180
+    SDDMM, expanded positions   2.9-6.9     6.1-10.5    48                21-26     42-121    380
+    dense dW = dO^T X + gather  12 / 55     25 / 104    -                 362 / -   502 / -   -
 
-The per-block form is the fastest that allocates no ``(out, in)`` tensor and whose temporaries stay bounded
-(the one-gather form wins at the small shape but holds ``(N, T)``; the padded bmm pays for unequal blocks):
-1.3-1.5x SDDMM's speed at 4096 x 4096 and 1.5-2.5x at 1536 x 576, 8-15x the dense ``dW``. Its GEMMs have only
-``b`` columns, where MKL reaches ~17 GFLOP/s (a dense GEMM: ~38) on this machine.
+so per run 1.1-1.5x SDDMM's time at N = 256 (once 0.5x), 0.5-1.6x at 512, 0.5-0.7x at 2048 (the GEMM form gains
+with the token count), and 0.05-0.4x the dense ``dW`` (not run in bf16 at 4096: minutes on this CPU). Dropped
+after the same kind of runs: one gather of all ``dO`` columns ``(N, T)`` then ``mm`` on ``X``'s slices
+(1.2-1.5x faster than this at the small shape in one run, on par at 4096, but its temporary grows as ``N T``;
+chunked to bound it, 0.7-1.5x this), contiguous ``X`` blocks with chunked row gathers (0.85-1.75x this), a
+padded ``bmm`` over column blocks (1.1-2x SDDMM's time: it pays for unequal blocks) and ``einsum`` on gathered
+``X`` ``(N, T, b)`` (16-38x SDDMM's time). On this CPU the ``b``-column GEMMs reach only ~13-18 GFLOP/s (a dense
+GEMM ~38) and the transpose and gathers cost as much as the products.
 
 CUDA (:func:`_tile_sddmm_kernel`): one program per ``BLOCK_M`` tiles of one column block (the launch plan,
 :func:`_tile_plan`, groups them without a host sync), looping over ``N`` in ``BLOCK_N`` chunks with
 ``tl.dot(dO^T (BLOCK_M, BLOCK_N), X (BLOCK_N, b))`` into an fp32 ``(BLOCK_M, b)`` accumulator (tensor cores in
 bf16/fp16, IEEE fp32 for fp32 inputs); ``X`` is read ``ceil(m_c / BLOCK_M)`` times per block instead of once per
 tile (in Triton's CPU interpreter, where the tests run it, bf16 operands are upcast to fp32 first: its ``tl.dot``
-multiplies bf16 as raw bits). ``BLOCK_*`` are defaults, not a sweep: no GPU has been available (``benchmarks/gpu_check.py`` checks
-and times it when one is). The merge and restore use :func:`~.tiles.tile_add` / :func:`~.tiles.tile_restore`
-(PyTorch's row ops on CUDA).
+multiplies bf16 as raw bits). ``BLOCK_*`` are defaults, not a sweep: no GPU has been available
+(``benchmarks/gpu_check.py`` checks and times it when one is). The merge and restore use
+:func:`~.tiles.tile_add` / :func:`~.tiles.tile_restore` (PyTorch's row ops on CUDA).
 
 Not safe if another thread/stream reads ``W`` while the op runs (``W`` holds ``W + S`` meanwhile).
 """
@@ -160,7 +156,8 @@ def tile_sddmm_reference(
     order = torch.argsort(column, stable=True)  # (T,) tiles grouped by column block, row order within a block
     counts = torch.bincount(column, minlength=blocks)  # (C,)
     rows = (tiles // blocks)[order]  # (T,)
-    gt, xa = g2.t().to(acc).contiguous(), x2.to(acc)  # (out, N), (N, in)
+    gt = torch.empty(g2.shape[1], g2.shape[0], dtype=acc, device=g2.device).copy_(g2.t())  # (out, N): one pass
+    xa = x2.to(acc)  # (N, in)
     grouped = torch.empty(tiles.numel(), b, dtype=acc, device=g2.device)  # (T, b) in `order`
     start = 0
     for c, m in zip(counts.nonzero().view(-1).tolist(), counts[counts > 0].tolist(), strict=True):
