@@ -8,9 +8,11 @@ One command on a lent GPU (H100/H200; under 8 minutes, installs nothing beyond t
 1. **Kernels**: ``scatter_set``/``scatter_add``/``scatter_restore``, ``sddmm`` and ``sparse_delta_linear``
    (forward and both gradients) with ``use_triton=True`` against ``use_triton=False`` at the test shapes
    (37 x 53, T = 29; densities one entry, 1%, 100%) in fp32, bf16 and fp16: the largest error per op and
-   dtype, and pass/fail against the tests' tolerances.
+   dtype, and pass/fail against the tests' tolerances. The same for the tile op ``tile_delta_linear`` (forward,
+   dX, dS) and its ``tile_sddmm`` kernel at 37 x 64, tiles of 16 (one tile, 10%, all).
 2. **Benchmarks** (rows into ``benchmarks/results.csv`` with the GPU's name): the GPU cases of
-   ``sparse_ops.py`` (SDDMM vs the cuBLAS dense dW, scatter GB/s, the sparse step vs its dense fallback),
+   ``sparse_ops.py`` (SDDMM vs the cuBLAS dense dW, scatter GB/s, the sparse step vs its dense fallback, the
+   tile step vs the unstructured step and the dense fallback, the tile dS vs SDDMM),
    of ``rosa_step.py`` (a RoSA step vs LoRA at LLaMA-7B layer shapes), and an ``AdapterBank`` switch on a
    block of LLaMA-7B shapes against a dense ``W += delta``, and ``serving.py``'s request stream (width-1024
    Llama, N = 2 and 8: AdapterBank eager/compiled vs peft hotswap eager/compiled, merge, set_adapter).
@@ -46,6 +48,8 @@ from lightning_peft.kernels import (  # noqa: E402
     scatter_set,
     sddmm,
     sparse_delta_linear,
+    tile_delta_linear,
+    tile_sddmm,
 )
 
 import lightning_peft as lp  # noqa: E402
@@ -53,6 +57,7 @@ from lightning_peft.methods._sparse import random_mask  # noqa: E402
 
 BENCH = "gpu_check"
 OUT, IN, T = 37, 53, 29  # the kernel tests' shapes
+TILE_IN, TILE_B = 64, 16  # the tile op's: in a multiple of the tile width, 148 tiles of 16
 TOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 6e-3}  # max abs error, inputs ~N(0, 1)
 
 
@@ -88,6 +93,25 @@ def _kernel_errors(density: float, dtype: torch.dtype, device: str) -> dict[str,
     return errs
 
 
+def _tile_errors(fraction: float, dtype: torch.dtype, device: str) -> dict[str, float]:
+    """Largest |Triton - PyTorch path| of the tile op's forward, dX, dS and of ``tile_sddmm`` (at least one tile)."""
+    g = torch.Generator().manual_seed(1)
+    count = OUT * TILE_IN // TILE_B
+    tiles = torch.randperm(count, generator=g)[: max(1, round(fraction * count))].sort().values.to(device)
+    w = torch.randn(OUT, TILE_IN, generator=g).to(device, dtype)
+    v = (torch.randn(tiles.numel(), TILE_B, generator=g) * 0.1).to(device)
+    x = torch.randn(T, TILE_IN, generator=g).to(device, dtype)
+    dy = torch.randn(T, OUT, generator=g).to(device, dtype)
+    outs = {}
+    for tri in (True, False):
+        xs, vs = x.clone().requires_grad_(), v.clone().requires_grad_()
+        y = tile_delta_linear(xs, w, vs, tiles, use_triton=tri)
+        y.backward(dy)
+        outs[tri] = {"tile_delta_linear": y, "tile_delta_linear_dx": xs.grad, "tile_delta_linear_dS": vs.grad,
+                     "tile_sddmm": tile_sddmm(dy, x, tiles, TILE_B, torch.float32, use_triton=tri)}
+    return {name: float((mine.float() - outs[False][name].float()).abs().max()) for name, mine in outs[True].items()}
+
+
 def check_kernels(device: str) -> tuple[list[list], bool]:
     rows, ok = [], True
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -95,10 +119,14 @@ def check_kernels(device: str) -> tuple[list[list], bool]:
         for density in (1 / (OUT * IN), 0.01, 1.0):
             for name, err in _kernel_errors(density, dtype, device).items():
                 worst[name] = max(worst.get(name, 0.0), err)
+        for fraction in (0.0, 0.1, 1.0):
+            for name, err in _tile_errors(fraction, dtype, device).items():
+                worst[name] = max(worst.get(name, 0.0), err)
         for name, err in worst.items():
             passed = err <= TOL[dtype]
             ok &= passed
-            rows.append(row(BENCH, f"{name} {str(dtype).removeprefix('torch.')} {OUT}x{IN} T={T}",
+            shape = f"{OUT}x{TILE_IN} b={TILE_B}" if name.startswith("tile") else f"{OUT}x{IN}"
+            rows.append(row(BENCH, f"{name} {str(dtype).removeprefix('torch.')} {shape} T={T}",
                             "max_abs_err_vs_reference", err, TOL[dtype], device))
             print(f"{'ok  ' if passed else 'FAIL'} {name:28s} {str(dtype):15s} max |err| {err:.3g} (tol {TOL[dtype]})")
     return rows, ok
@@ -149,6 +177,10 @@ def summarize(rows: list[list], bandwidth: float) -> None:
         share = statistics.median(touched) / bandwidth
         print(f"scatter: {statistics.median(touched):.1f} GB/s on the bytes touched = {share:.0%} of the measured "
               f"copy bandwidth {bandwidth:.1f} GB/s (target >= 70%): {'met' if share >= 0.7 else 'missed'}")
+    for metric in ("tile_step_ms_vs_unstructured", "tile_step_ms_vs_dense_fallback", "tile_dS_ms_vs_sddmm"):
+        vals = [float(r[5]) for r in rows if r[2] == metric and r[5] not in (None, "")]
+        if vals:
+            print(f"{metric}: median {statistics.median(vals):.2f}x over {len(vals)} shapes (< 1: the tile op is faster)")
     crossing = sorted({d for d in sparse_ops.DENSITIES if any(v >= 1.0 for v in ratios("train_step_ms_vs_dense_fallback", d))})
     print("sparse step vs dense fallback: the sparse path loses from density "
           f"{crossing[0] if crossing else '> ' + str(max(sparse_ops.DENSITIES))}: set DENSE_FALLBACK_DENSITY['cuda'] there")
@@ -173,6 +205,8 @@ def main() -> int:
             for d in ((0.01, 0.1) if dry else sparse_ops.DENSITIES):
                 rows += sparse_ops.bench_case(o, i, t, d, device, dtype, warmup, repeats)
             rows += sparse_ops.bench_train_step(o, i, t, device, dtype, warmup, repeats)
+    for (o, i), t, d in (((96, 64), 32, 0.1),) if dry else sparse_ops.GPU_TILE:
+        rows += sparse_ops.bench_tile_step(o, i, t, d, device, dtype, warmup, repeats)
     for (o, i), t in ((((96, 64), 32),) if dry else rosa_step.GPU_LAYERS):
         case, res = rosa_step.bench_layer(o, i, t, device, dtype, warmup, repeats)
         (t_l, _, _), (t_r, _, _) = res["lora"], res["rosa"]

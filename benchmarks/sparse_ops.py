@@ -14,12 +14,16 @@ For each weight shape ``(out, in)``, token count ``T`` and density ``d`` (random
 * ``train_step`` (d = 1% only): forward + backward through our SHiRA layer vs peft's ``shira``
   layer at the same ``nnz = r * (out + in)``, time and peak memory (exact on CPU too: replayed
   from the allocator's records, see ``harness.peak_memory``).
+* ``tile`` (random tiles of 16, SHiRA ``tile=16``): the tile op's step (forward + dX + dS,
+  ``tile_delta_linear``) vs the unstructured op on the same positions (``sparse_delta_linear``) and vs
+  the dense fallback (merged copy, autograd's dense ``dW``), and its ``dS`` (``tile_sddmm``) vs SDDMM on
+  the expanded positions.
 
 CPU runs the PyTorch paths (SDDMM by ``torch.sparse.sampled_addmm``, scatter by index ops; the
 Triton kernels need CUDA, on CPU they would run in the interpreter) at CPU sizes in fp32; CUDA
 runs Triton at LLaMA-7B sizes in bf16.
 
-Run: python benchmarks/sparse_ops.py [--repeats 5] [--warmup 2] [--no-csv]
+Run: python benchmarks/sparse_ops.py [--repeats 5] [--warmup 2] [--no-csv] [--only op|train|tile]
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import append_rows, device_name, gbps, peak_memory, row, tflops, time_fn  # noqa: E402
-from lightning_peft.kernels import SparseIndex, scatter_add, sddmm, sddmm_reference  # noqa: E402
+from lightning_peft.kernels import (  # noqa: E402
+    SparseIndex,
+    expand_tiles,
+    scatter_add,
+    sddmm,
+    sddmm_reference,
+    sparse_delta_linear,
+    tile_delta_linear,
+    tile_sddmm,
+)
 
 import lightning_peft as lp  # noqa: E402
 from lightning_peft.methods._sparse import DENSE_FALLBACK_DENSITY, random_mask  # noqa: E402
@@ -47,6 +60,9 @@ CPU_TOKENS = (256, 1024)
 CPU_TRAIN_EXTRA = (((4096, 4096), 512),)  # one real layer shape: dense dW temporaries become visible
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPU_TOKENS = (512, 2048, 8192)
+# tile op: (out, in), tokens, density; a SmolLM2-135M-sized MLP weight at 2.3% and a LLaMA-7B one at 1%
+CPU_TILE = (((1536, 576), 256, 0.023), ((4096, 4096), 512, 0.01))
+GPU_TILE = (((4096, 4096), 2048, 0.01), ((11008, 4096), 2048, 0.01), ((4096, 11008), 2048, 0.01))
 
 
 def _touched_bytes(index: SparseIndex, elem: int, weight_bytes: int, density: float) -> float:
@@ -191,6 +207,37 @@ def bench_train_step(out_f: int, in_f: int, t: int, device: str, dtype: torch.dt
     return rows
 
 
+def bench_tile_step(out_f: int, in_f: int, t: int, d: float, device: str, dtype: torch.dtype, warmup: int,
+                    repeats: int, b: int = 16) -> list[list]:
+    """Forward + backward (dX and dS) of the tile op vs the unstructured op on the same positions vs the dense
+    fallback, and the tile ``dS`` vs SDDMM on the expanded positions; random tiles, ``round(d * out * in / b)``."""
+    g = torch.Generator().manual_seed(2)
+    n_tiles = max(1, round(d * out_f * in_f / b))
+    tiles = torch.randperm(out_f * in_f // b, generator=g)[:n_tiles].sort().values.to(device)  # (T,) int64
+    index = SparseIndex.from_flat(expand_tiles(tiles, b), (out_f, in_f)).to(device)  # the same T * b positions
+    rc = (index.row.long(), index.col.long())
+    w = torch.randn(out_f, in_f, generator=g).to(device, dtype)
+    values = (torch.randn(n_tiles, b, generator=g) * 0.01).to(device).requires_grad_()  # fp32, as SHiRA's
+    x = torch.randn(t, in_f, generator=g).to(device, dtype).requires_grad_()  # dX too, as inside a network
+    dy = torch.randn(t, out_f, generator=g).to(device, dtype)
+    case = f"W {out_f}x{in_f} T={t} tiles of {b} d={d:g} {str(dtype).removeprefix('torch.')}"
+    tm = lambda fn: time_fn(fn, warmup, repeats, device)  # noqa: E731
+
+    def step(forward) -> None:  # noqa: ANN001
+        forward().backward(dy)
+        values.grad = x.grad = None
+
+    t_tile = tm(lambda: step(lambda: tile_delta_linear(x, w, values, tiles)))
+    t_sparse = tm(lambda: step(lambda: sparse_delta_linear(x, w, values.view(-1), index)))
+    t_dense = tm(lambda: step(lambda: F.linear(x, w.index_put(rc, values.view(-1).to(dtype), accumulate=True))))
+    xd, dyd = x.detach(), dy
+    t_tile_ds = tm(lambda: tile_sddmm(dyd, xd, tiles, b, torch.float32))
+    t_sddmm = tm(lambda: sddmm(dyd, xd, index, torch.float32))
+    return [row(BENCH, case, "tile_step_ms_vs_unstructured", t_tile * 1e3, t_sparse * 1e3, device),
+            row(BENCH, case, "tile_step_ms_vs_dense_fallback", t_tile * 1e3, t_dense * 1e3, device),
+            row(BENCH, case, "tile_dS_ms_vs_sddmm", t_tile_ds * 1e3, t_sddmm * 1e3, device)]
+
+
 def print_table(rows: list[list]) -> None:
     w = max(len(r[1]) for r in rows)
     m = max(len(r[2]) for r in rows)
@@ -206,6 +253,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to results.csv")
+    p.add_argument("--only", choices=("op", "train", "tile"), default=None, help="run one kind of case")
     args = p.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     shapes, tokens = (GPU_SHAPES, GPU_TOKENS) if cuda else (CPU_SHAPES, CPU_TOKENS)
@@ -215,10 +263,15 @@ def main() -> None:
     jobs = [("op", s, t, d) for s in shapes for t in tokens for d in DENSITIES]
     jobs += [("train", s, t, 0.01) for s in shapes for t in tokens]
     jobs += [] if cuda else [("train", s, t, 0.01) for s, t in CPU_TRAIN_EXTRA]
+    jobs += [("tile", s, t, d) for s, t, d in (GPU_TILE if cuda else CPU_TILE)]
+    jobs = [j for j in jobs if args.only in (None, j[0])]
     rows: list[list] = []
     for kind, (o, i), t, d in tqdm(jobs, desc="sparse_ops", file=sys.stderr):
         if kind == "op":
             rows += bench_case(o, i, t, d, args.device, dtype, args.warmup, args.repeats)
+        elif kind == "tile":  # CPU: bf16 too at the small shape (AVX2 bf16 GEMMs: a 4096^2 step takes minutes)
+            for dt in (dtype,) if cuda or o * i > 1 << 21 else (torch.float32, torch.bfloat16):
+                rows += bench_tile_step(o, i, t, d, args.device, dt, args.warmup, args.repeats)
         else:
             rows += bench_train_step(o, i, t, args.device, dtype, args.warmup, args.repeats)
     print_table(rows)

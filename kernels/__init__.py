@@ -11,6 +11,8 @@ SDDMM ``dS``           :mod:`.sddmm`                 ``sddmm_reference`` (CPU: `
 scatter set/add/undo   :mod:`.scatter`               ``scatter_*_reference``
 sparse-delta linear    :mod:`.sparse_linear`         ``sparse_delta_linear_reference``
 tile add/undo, x S^T   :mod:`.tiles`                 PyTorch row ops (CPU: C loops)
+tile-delta linear      :mod:`.tile_linear`           ``tile_delta_linear_reference``
+tile ``dS``            :mod:`.tile_linear`           ``tile_sddmm_reference`` (the CPU path)
 =====================  ============================  =====================================
 
 Dispatch (every op's ``use_triton`` argument): ``None`` runs Triton on CUDA tensors and the
@@ -54,6 +56,12 @@ else:
         sparse_delta_linear,
         sparse_delta_linear_reference,
     )
+    from lightning_peft.kernels.tile_linear import (
+        tile_delta_linear,
+        tile_delta_linear_reference,
+        tile_sddmm,
+        tile_sddmm_reference,
+    )
     from lightning_peft.kernels.tiles import (
         TILE_WIDTHS,
         expand_tiles,
@@ -84,7 +92,11 @@ else:
         "sparse_delta_linear_reference",
         "switch_bytes",
         "tile_add",
+        "tile_delta_linear",
+        "tile_delta_linear_reference",
         "tile_linear_add",
         "tile_restore",
+        "tile_sddmm",
+        "tile_sddmm_reference",
         "tile_span",
     ]

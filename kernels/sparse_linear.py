@@ -101,8 +101,56 @@ def merged_weight(
         scatter_restore(w, index, saved, use_triton=use_triton)
 
 
+# ---------------------------------------------------------------------------- shared with tile_linear
+def triton_flag(use_triton: bool | None) -> int:
+    """``use_triton`` as the int the custom-op schemas take: -1 auto, 0 reference, 1 Triton."""
+    return -1 if use_triton is None else int(use_triton)
+
+
 def _tri(flag: int) -> bool | None:
-    return None if flag < 0 else bool(flag)  # custom-op schemas take an int: -1 auto, 0 reference, 1 Triton
+    return None if flag < 0 else bool(flag)
+
+
+def check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Refuse an ``x`` that does not fit ``weight`` or a trainable ``weight``; return the GEMMs' dtype: autocast's
+    (``bf16-mixed``, ``16-mixed``: as ``F.linear``'s would run) or ``weight``'s.
+
+    Raises:
+        ValueError: ``x`` not ``(..., in)`` in ``weight``'s dtype, or ``weight.requires_grad`` with grad enabled.
+    """
+    if x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+        raise ValueError(
+            f"{op} needs x (..., {weight.shape[1]}) in the weight's dtype {weight.dtype}, "
+            f"got shape {tuple(x.shape)} dtype {x.dtype}; cast x to the base layer's dtype."
+        )
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op} trains only the sparse values and computes no gradient for the base "
+            "weight, but weight.requires_grad is True; freeze it (weight.requires_grad_(False)) or use "
+            f"{op}_reference for a dense weight gradient."
+        )
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def linear_on(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``x w^T + bias`` ``(..., out)`` with the GEMM in ``compute_dtype`` (autocast off: the dtype is chosen)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+
+
+def grad_x_on(w: torch.Tensor, grad_out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """``dX = dO w`` in ``dO``'s dtype, returned in ``x_dtype``: ``(..., out) @ (out, in) -> (..., in)``."""
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return grad_out.matmul(w.to(grad_out.dtype)).to(x_dtype)
+
+
+def grad_bias_of(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``db = sum over tokens of dO`` ``(out,)`` in ``dtype``."""
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(dtype)
+
+
+# ---------------------------------------------------------------------------- the op
 
 
 @torch.library.custom_op("lightning_peft::sparse_delta_linear", mutates_args=())
@@ -114,8 +162,8 @@ def _forward_op(
     is functional from the outside (``torch.compile`` treats it as one opaque node: no graph break, no
     view-mutation for inductor to trace)."""
     index = SparseIndex(row, col, (weight.shape[0], weight.shape[1]))
-    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w, torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(compute_dtype), w.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w:
+        return linear_on(w, x, bias, compute_dtype)
 
 
 @_forward_op.register_fake
@@ -130,10 +178,8 @@ def _grad_x_op(
 ) -> torch.Tensor:
     """``dX = dO (W + S)`` with the same in-place merge, in ``dO``'s dtype, returned in ``x_dtype``."""
     index = SparseIndex(row, col, (weight.shape[0], weight.shape[1]))
-    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w, torch.autocast(
-        grad_out.device.type, enabled=False
-    ):
-        return grad_out.matmul(w.to(grad_out.dtype)).to(x_dtype)  # (..., out) @ (out, in) -> (..., in)
+    with merged_weight(weight, index, values, use_triton=_tri(use_triton)) as w:
+        return grad_x_on(w, grad_out, x_dtype)
 
 
 @_grad_x_op.register_fake
@@ -173,7 +219,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
     if ctx.needs_input_grad[0]:
         grad_x = _grad_x_op(grad_out, weight, values, row, col, x.dtype, ctx.use_triton)
     if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
+        grad_bias = grad_bias_of(grad_out, ctx.bias_dtype)
     return grad_x, None, grad_values, None, None, grad_bias, None, None
 
 
@@ -210,18 +256,5 @@ def sparse_delta_linear(
     """
     index.check_weight(weight)
     index.check_values(values)
-    if x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
-        raise ValueError(
-            f"sparse_delta_linear needs x (..., {weight.shape[1]}) in the weight's dtype {weight.dtype}, "
-            f"got shape {tuple(x.shape)} dtype {x.dtype}; cast x to the base layer's dtype."
-        )
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "sparse_delta_linear trains only the sparse values and computes no gradient for the base "
-            "weight, but weight.requires_grad is True; freeze it (weight.requires_grad_(False)) or use "
-            "sparse_delta_linear_reference for a dense weight gradient."
-        )
-    device = x.device.type  # autocast (bf16-mixed, 16-mixed): the GEMMs run in its dtype, as F.linear's would
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    flag = -1 if use_triton is None else int(use_triton)
-    return _forward_op(x, weight, values, index.row, index.col, bias, compute_dtype, flag)
+    compute_dtype = check_linear_inputs("sparse_delta_linear", x, weight)
+    return _forward_op(x, weight, values, index.row, index.col, bias, compute_dtype, triton_flag(use_triton))

@@ -30,6 +30,7 @@ from lightning_peft.kernels import (
 from lightning_peft.kernels._utils import interpreter_ready
 from lightning_peft.kernels.scatter import _scatter_kernel
 from lightning_peft.kernels.sddmm import _sddmm_kernel
+from lightning_peft.kernels.tile_linear import _tile_sddmm_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAN_RUN_TRITON = DEVICE == "cuda" or (interpreter_ready(_sddmm_kernel) and interpreter_ready(_scatter_kernel))
@@ -375,11 +376,11 @@ def fresh_checks(monkeypatch):
     return _utils
 
 
-@pytest.mark.parametrize("name", ["scatter", "sddmm"])
+@pytest.mark.parametrize("name", ["scatter", "sddmm", "tile_sddmm"])
 @pytest.mark.triton
 @requires_triton
 def test_every_kernel_passes_its_self_check_in_the_interpreter(name: str, fresh_checks) -> None:
-    kernel = {"scatter": _scatter_kernel, "sddmm": _sddmm_kernel}[name]
+    kernel = {"scatter": _scatter_kernel, "sddmm": _sddmm_kernel, "tile_sddmm": _tile_sddmm_kernel}[name]
     assert fresh_checks.kernel_verified(kernel, torch.device("cpu"))
 
 

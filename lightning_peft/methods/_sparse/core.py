@@ -7,6 +7,8 @@ section 3, next to a LoRA branch; SHiRA: Bhardwaj et al., NeurIPS 2024, arXiv 24
     forward (active adapters A):  y = x (W + sum_{a in A} S_a)^T + b
         one (index, values) on the union of the active masks (cached per adapter set), then
         sparse_delta_linear: W[idx] += S in place, one GEMM, exact restore, dS by SDDMM;
+        positions that are whole 1 x b tiles (SHiRA tile=b; found once per adapter set): tile_delta_linear,
+        the same in whole-tile copies with dS one GEMM per column block;
         training above DENSE_FALLBACK_DENSITY: dense GEMM on a merged copy, dS gathered from dW
     merge:    saved = W[idx_a]; W[idx_a] += S_a       (or a full copy when the caller adds a dense part)
     unmerge:  the saved bits written back in reverse order: W bit-identical, never a subtraction
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft.deltas import MergeStack, SparseTerm, WeightCopy
-from lightning_peft.kernels import SparseIndex, sparse_delta_linear
+from lightning_peft.kernels import SparseIndex, find_tiles, sparse_delta_linear, tile_delta_linear
 from lightning_peft.methods._sparse.mask import dense_fallback_density
 
 __all__ = ["SparseDeltaCore"]
@@ -51,11 +53,13 @@ class SparseDeltaCore:
     def init_sparse_core(self) -> None:
         """Call once in the layer's ``__init__``."""
         self._union: dict[tuple, tuple[SparseIndex, list[torch.Tensor]]] = {}
+        self._tiles: dict[tuple[str, ...], tuple[torch.Tensor, int] | None] = {}  # adapters -> (tiles, b) or None
         self._merges = MergeStack()  # the same exact undo stack AdapterBank switches adapters with
 
     def forget_masks(self) -> None:
-        """Drop cached unions (an index was replaced: ``set_mask``, a state-dict load, a new adapter)."""
+        """Drop cached unions and tiles (an index was replaced: ``set_mask``, a state-dict load, a new adapter)."""
         self._union.clear()
+        self._tiles.clear()
 
     # ------------------------------------------------------------------ forward
     def sparse_operands(self, adapters: list[str]) -> tuple[SparseIndex, torch.Tensor]:
@@ -77,6 +81,29 @@ class SparseDeltaCore:
             values = values.index_add(0, pos, v.to(dtype))
         return index, values.to(parts[0].dtype)
 
+    def sparse_tiles(self, adapters: list[str], index: SparseIndex) -> tuple[torch.Tensor, int] | None:
+        """``(tiles (T,) int64 sorted, b)`` when ``index`` (``adapters``' positions) is whole 1 x b tiles, else ``None``.
+
+        Found once per adapter set by :func:`~lightning_peft.kernels.find_tiles` (widest ``b`` first) and kept
+        until :meth:`forget_masks`. Sorted positions are then tile by tile, so the ``(nnz,)`` values viewed as
+        ``(T, b)`` are the tiles' values. Finding reads the positions, so it runs in eager code only: while
+        ``torch.compile`` traces, a set not yet seen takes the unstructured path (a layer that knows its masks
+        calls this eagerly when they change, e.g. :class:`~lightning_peft.methods.shira.layer.ShiraLinear`).
+        """
+        key = tuple(adapters)
+        if key not in self._tiles:
+            if torch.compiler.is_compiling():
+                return None
+            flat = index.flat()  # (nnz,) sorted
+            self._tiles[key] = find_tiles(flat, torch.ones_like(flat, dtype=torch.bool), index.shape[1])
+        found = self._tiles[key]
+        if found is None or found[0].device == index.device:
+            return found
+        moved = (found[0].to(index.device), found[1])  # the layer moved since the tiles were found
+        if not torch.compiler.is_compiling():
+            self._tiles[key] = moved
+        return moved
+
     def uses_dense_fallback(self, index: SparseIndex, values: torch.Tensor) -> bool:
         """Whether a step takes "dense GEMM + gather": training above the device's measured crossover
         density (:data:`~lightning_peft.methods._sparse.mask.DENSE_FALLBACK_DENSITY`), or a base weight
@@ -91,13 +118,21 @@ class SparseDeltaCore:
     def sparse_linear(
         self, x: torch.Tensor, adapters: list[str], bias: torch.Tensor | None, use_triton: bool | None = None
     ) -> torch.Tensor:
-        """``x (W + sum_a S_a)^T + bias`` over ``adapters``: ``(..., in) -> (..., out)`` in ``W``'s dtype."""
+        """``x (W + sum_a S_a)^T + bias`` over ``adapters``: ``(..., in) -> (..., out)`` in ``W``'s dtype.
+
+        Whole tiles on a contiguous ``W`` (:meth:`sparse_tiles`) take :func:`~lightning_peft.kernels.tile_delta_linear`,
+        other masks :func:`~lightning_peft.kernels.sparse_delta_linear`; a step above the fallback density either way
+        the dense GEMM (:meth:`uses_dense_fallback`)."""
         index, values = self.sparse_operands(adapters)
         w = self.base_weight_out_in()
         x = x.to(w.dtype)
         if self.uses_dense_fallback(index, values):
             merged = w.index_put((index.row.long(), index.col.long()), values.to(w.dtype), accumulate=True)  # (out, in)
             return F.linear(x, merged, bias)
+        found = self.sparse_tiles(adapters, index) if w.is_contiguous() else None  # Conv1D's W^T view: no tile rows
+        if found is not None:
+            tiles, b = found
+            return tile_delta_linear(x, w, values.view(-1, b), tiles, bias, use_triton=use_triton)  # values (T, b)
         return sparse_delta_linear(x, w, values, index, bias, use_triton=use_triton)
 
     # ------------------------------------------------------------------ compact checkpoints

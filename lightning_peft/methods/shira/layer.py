@@ -10,7 +10,9 @@ adapter loads into this layer through peft's own injection. What changes (Bhardw
   form the dense ``(out, in)`` weight gradient. Here the shared sparse core
   (:class:`~lightning_peft.methods._sparse.core.SparseDeltaCore`, also RoSA's) adds ``S`` into ``W``
   in place around one GEMM, restores the bits, and computes ``dS`` by SDDMM: no copy, no dense
-  ``dW``; the optimizer only sees ``shira_weight`` ``(nnz,)``.
+  ``dW``; the optimizer only sees ``shira_weight`` ``(nnz,)``. A tile mask (``tile=b``) trains through the
+  tile op (whole-tile merge, ``dS`` one GEMM per column block of tiles), its ``(nnz,)`` values being ``(T, b)``
+  tile by tile.
 * ``merge``/``unmerge``: the core's exact merge stack (``scatter_add`` saving the overwritten
   originals, then ``scatter_restore``) instead of peft's dense ``W +=/-= S`` (which does not round-trip).
 * budget: peft fixes ``nnz = r * (in + out)``; here ``nnz`` is the mask's own count (exactly
@@ -73,6 +75,7 @@ class ShiraLinear(PeftShiraLinear, SparseDeltaCore):
         self.register_state_dict_post_hook(_pad_values_hook)
         self.register_load_state_dict_pre_hook(_decode_index)  # checkpoints hold compact indices; first
         self.register_load_state_dict_pre_hook(_load_values_hook)
+        self.register_load_state_dict_post_hook(_cache_tiles_hook)  # after the loaded positions are in place
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, mask: Any, r: int, config: Any, inference_mode: bool = False,
@@ -115,6 +118,7 @@ class ShiraLinear(PeftShiraLinear, SparseDeltaCore):
         self.shira_indices[adapter_name] = pad_index(index.to("cpu"), n_file)
         self.forget_masks()
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.cache_tiles()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def sparse_index(self, adapter: str) -> SparseIndex:
@@ -124,6 +128,12 @@ class ShiraLinear(PeftShiraLinear, SparseDeltaCore):
         return SparseIndex(idx[0, :n].contiguous(), idx[1, :n].contiguous(), (self.out_features, self.in_features))
 
     mask_index = sparse_index
+
+    def cache_tiles(self) -> None:
+        """Find, in eager code, which adapters' masks are whole tiles (:meth:`sparse_tiles`), so a compiled
+        forward trains them through the tile op too. Called whenever the positions change."""
+        for a in self.shira_weight:
+            self.sparse_tiles([a], self.sparse_index(a))
 
     def sparse_values(self, adapter: str) -> torch.Tensor:
         """``scaling * shira_weight`` ``(nnz,)`` of ``adapter``."""
@@ -182,6 +192,7 @@ class ShiraLinear(PeftShiraLinear, SparseDeltaCore):
         buf.copy_(pad_index(index.to("cpu"), buf.shape[1]).to(buf.device))
         self.shira_weight[adapter].zero_()
         self.forget_masks()
+        self.cache_tiles()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``(out, in)`` ``S * scaling`` (for peft utilities and tests; not the training path)."""
@@ -275,6 +286,10 @@ def _load_values_hook(module: ShiraLinear, state_dict: dict[str, Any], prefix: s
         if ikey in state_dict:
             state_dict[ikey] = idx.to(torch.int32)
     module.forget_masks()
+
+
+def _cache_tiles_hook(module: ShiraLinear, incompatible_keys: Any) -> None:
+    module.cache_tiles()
 
 
 @contextmanager
