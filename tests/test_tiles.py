@@ -78,8 +78,8 @@ def test_tile_errors_name_the_rule_the_value_and_the_fix() -> None:
         lp.SHiRAConfig(tile=24)
     with pytest.raises(ValueError, match=r"struct.*cannot be tiled.*tile=None"):
         lp.SHiRAConfig(mask="struct", tile=16)
-    with pytest.raises(ValueError, match=r"tile=64 needs every target's in_features to be a multiple of 64.*"
-                                         r"in_features=32.*\(16, 32\).*exclude_modules=.*tile=None"):
+    with pytest.raises(ValueError, match=r"tile=64 needs every target's in_features to be a multiple of 64, got layer "
+                                         r"'blocks.0' \(64x32, in_features=32\).*\(16, 32\).*exclude_modules=.*tile=None"):
         lp.SHiRA(mask="wm", tile=64, target_modules=list(TARGETS)).inject(PlainNet(width=32))
 
     def not_tiles(weight, stats):
