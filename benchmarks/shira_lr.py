@@ -10,13 +10,16 @@
 2. ``tasks`` (arithmetic, sql, data2text at the CLI's lr 3e-3): LoRA, SHiRA ``lr_ratio=1`` and SHiRA
    at the default ``lr_ratio=2.5``;
 3. ``tiles`` (arithmetic, data2text at lr 3e-3): SHiRA r=8 with unstructured masks against 1 x 16 and
-   1 x 32 tile masks (``method.tile``), the same budget rounded down to whole tiles;
+   1 x 32 tile masks (``method.tile``), the same budget rounded down to whole tiles; the same for RoSA
+   (Nikdan et al. 2024: ``r=4``, ``density=0.05``, ``rosa_quality.py``'s split, sparse part as large as the
+   LoRA part, ``S`` at the module's lr, its better adapter on the zoo), its Fisher pooled per tile;
 4. ``evolve``: ``lightning-peft evolve`` (the Trans-PEFT protocol, its defaults: arithmetic, q/k/v/o,
    150 steps, 3 seeds) with LoRA, SHiRA at an equal budget (``method.r=8``) and SHiRA at its default 1%.
 
 Writes ``benchmarks/results/shira_lr.{jsonl,md}``; runs already recorded are skipped.
 
     OMP_NUM_THREADS=1 python benchmarks/shira_lr.py [sweep|tasks|tiles|evolve|report] [--seeds 0,1,2]
+        [--tasks arithmetic,data2text]  (tiles: a subset of its tasks)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import mean_std  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "shira_lr.jsonl"
+ROSA = ["method=rosa", "method.r=4", "method.density=0.05", "method.sparse_lr_ratio=1.0"]  # rosa_quality.py's split
 ARMS = {
     "lora r=8": ["method=lora"],
     "shira r=8 lr_ratio=1": ["method=shira", "method.r=8", "method.lr_ratio=1.0"],
@@ -40,12 +44,16 @@ ARMS = {
     "shira density=1% (default budget)": ["method=shira"],
     "shira r=8 tile=16": ["method=shira", "method.r=8", "method.tile=16"],
     "shira r=8 tile=32": ["method=shira", "method.r=8", "method.tile=32"],
+    "rosa r=4 d=5%": ROSA,
+    "rosa r=4 d=5% tile=16": [*ROSA, "method.tile=16"],
+    "rosa r=4 d=5% tile=32": [*ROSA, "method.tile=32"],
 }
 SWEEP = {"lora r=8": (1e-3, 3e-3, 1e-2, 3e-2), "shira r=8 lr_ratio=1": (3e-3, 1e-2, 3e-2),
          "shira r=8 (default lr_ratio=2.5)": (3e-3, 1e-2), "shira density=1% (default budget)": (3e-3,)}
 TASK_ARMS = ("lora r=8", "shira r=8 lr_ratio=1", "shira r=8 (default lr_ratio=2.5)")
 TASKS = ("arithmetic", "sql", "data2text")
-TILE_ARMS = ("shira r=8 (default lr_ratio=2.5)", "shira r=8 tile=16", "shira r=8 tile=32")  # issue 27: equal budget
+TILE_ARMS = ("shira r=8 (default lr_ratio=2.5)", "shira r=8 tile=16", "shira r=8 tile=32",  # issue 27: equal budget
+             "rosa r=4 d=5%", "rosa r=4 d=5% tile=16", "rosa r=4 d=5% tile=32")
 TILE_TASKS = ("arithmetic", "data2text")
 EVOLVE = {"lora r=8": ["method=lora"], "shira r=8": ["method=shira", "method.r=8"],
           "shira density=1% (default budget)": ["method=shira"]}
@@ -117,10 +125,11 @@ def report() -> str:
               "| arm | trainable | " + " | ".join(TILE_TASKS) + " |", "|---|---:|" + "---:|" * len(TILE_TASKS)]
     for arm in TILE_ARMS:
         got = {t: [r for r in rows if r["arm"] == arm and r["task"] == t and r["lr"] == 3e-3] for t in TILE_TASKS}
-        if all(got.values()):
+        if any(got.values()):
             cells = [f"{mean_std(r['token_acc'] for r in g)} ({statistics.fmean(r['exact_match'] for r in g):.2f})"
-                     for g in got.values()]
-            lines.append(f"| {arm} | {got[TILE_TASKS[0]][0]['trainable']:,} | " + " | ".join(cells) + " |")
+                     + (f" n={len(g)}" if len(g) < 3 else "") if g else "" for g in got.values()]
+            trainable = next(g for g in got.values() if g)[0]["trainable"]
+            lines.append(f"| {arm} | {trainable:,} | " + " | ".join(cells) + " |")
     if evolved:
         lines += ["", "### lightning-peft evolve (arithmetic, llama-v1 -> llama-v2, q/k/v/o, 3 seeds): token accuracy", "",
                   "| arm | " + " | ".join(ROWS) + " |", "|---|" + "---:|" * len(ROWS)]
@@ -136,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=("sweep", "tasks", "tiles", "evolve", "report"))
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tasks", default=",".join(TILE_TASKS), help="tiles: which of its tasks to run")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,7 @@ def main() -> None:
             evolve(arm)
     elif args.phase == "tiles":
         for seed in seeds:
-            for task in TILE_TASKS:
+            for task in (t for t in TILE_TASKS if t in args.tasks.split(",")):
                 for arm in TILE_ARMS:
                     train(arm, task, 3e-3, seed)
     elif args.phase == "tasks":

@@ -50,6 +50,12 @@ def test_methods_instantiate_to_registered_callbacks(option: str) -> None:
     assert lp.get_method(option) is type(method)
 
 
+@pytest.mark.parametrize("method", ["rosa", "rosa_sparse", "shira"])
+def test_tile_override_composes_into_the_method(method: str) -> None:
+    callback = instantiate(_compose([f"method={method}", "method.tile=16"]).method)
+    assert callback.config.tile == 16
+
+
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainers_instantiate(option: str) -> None:
     if option == "gpu":

@@ -1,4 +1,5 @@
-"""Tile-structured SHiRA (``tile=b``): mask selection, budget, compact storage, peft round trip, tile switching."""
+"""Tile-structured masks (``tile=b``) of SHiRA and RoSA: mask selection, budget, compact storage, peft round trip,
+tile switching."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import PlainNet, WrappedPlainLM, plain_base, shira_net, token_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_peft.kernels import SparseIndex, tile_add, tile_restore
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from torch import nn
 from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader
+from transformers.pytorch_utils import Conv1D
 
 import lightning_peft as lp
-from lightning_peft.deltas import SparseTerm, TileTerm
+from lightning_peft.deltas import LowRankTerm, SparseTerm, TileTerm
+from lightning_peft.methods._sparse import nnz_for
 from lightning_peft.methods._sparse.storage import decode_index, encode_index
 from lightning_peft.methods.shira.mask import build_mask, layer_nnz
 
@@ -78,8 +85,8 @@ def test_tile_errors_name_the_rule_the_value_and_the_fix() -> None:
         lp.SHiRAConfig(tile=24)
     with pytest.raises(ValueError, match=r"struct.*cannot be tiled.*tile=None"):
         lp.SHiRAConfig(mask="struct", tile=16)
-    with pytest.raises(ValueError, match=r"tile=64 needs every target's in_features to be a multiple of 64.*"
-                                         r"in_features=32.*\(16, 32\).*exclude_modules=.*tile=None"):
+    with pytest.raises(ValueError, match=r"tile=64 needs every target's in_features to be a multiple of 64, got layer "
+                                         r"'blocks.0' \(64x32, in_features=32\).*\(16, 32\).*exclude_modules=.*tile=None"):
         lp.SHiRA(mask="wm", tile=64, target_modules=list(TARGETS)).inject(PlainNet(width=32))
 
     def not_tiles(weight, stats):
@@ -99,6 +106,126 @@ def test_calibrated_grad_tiles_train_and_stay_tiles(tmp_path: Path) -> None:
     assert index.nnz == layer_nnz(24, 48, 0.1, tile=16) and bool(layer.shira_weight["default"].abs().sum() > 0)
     (term,) = lp.AdapterBank(WrappedPlainLM(seed=0).net).add("a", module).adapters["a"][0][1:]
     assert isinstance(term, TileTerm) and term.width == 16 and term.tiles.numel() * 16 == index.nnz
+
+
+# ---------------------------------------------------------------------------- RoSA
+class TileRegression(L.LightningModule):
+    """``Linear(32 -> 12) -> tanh -> Linear(12 -> 5)``, MSE: ``net.0`` (in 32) takes tiles of 16 or 32, ``net.2`` (in 12)
+    none. Fixed batches, no shuffling, so the Fisher statistic is recomputed here with plain autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, 12), nn.Tanh(), nn.Linear(12, 5))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _regression_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 32, generator=g), torch.randn(4, 3, 5, generator=g)) for _ in range(4)]
+
+
+def _fit(module: L.LightningModule, callbacks: list, max_steps: int, tmp_path: Path, data=None,
+         ckpt_path: str | None = None) -> None:
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    L.Trainer(max_steps=max_steps, callbacks=callbacks, accelerator="cpu", enable_progress_bar=False, logger=False,
+              enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=checkpointing).fit(
+        module, data if data is not None else DataLoader(_regression_batches(), batch_size=None), ckpt_path=ckpt_path)
+
+
+@pytest.mark.parametrize(("criterion", "b"), [("fisher", 16), ("fisher", 32), ("mean", 16), ("weight_magnitude", 16)])
+def test_rosa_tile_mask_is_the_best_tiles_of_the_pooled_statistic(criterion: str, b: int, tmp_path: Path) -> None:
+    # sparse-only (r=0): nothing moves before the mask, so the statistic is that of the base net on 2 batches
+    module = TileRegression()
+    _fit(module, [lp.RoSA(r=0, density=0.2, tile=b, mask_criterion=criterion, mask_steps=2, target_modules=["net.0"])],
+         max_steps=2, tmp_path=tmp_path)
+    net = TileRegression().net
+    grads = [torch.autograd.grad(F.mse_loss(net(x), y), net[0].weight)[0] for x, y in _regression_batches()[:2]]
+    scores = {"fisher": sum(g**2 for g in grads) / 2, "mean": (sum(grads) / 2).abs(),
+              "weight_magnitude": net[0].weight.detach().abs()}[criterion]
+    nnz = nnz_for(0.2, 12 * 32) // b * b  # round(76.8) = 77 -> 64: the same budget in whole tiles
+    layer = module.net[0]
+    assert nnz == 64 and layer.rosa_values["default"].numel() == layer.index("default").nnz == nnz
+    assert _positions(layer.index("default")) == _reference_tiles(scores, nnz, b)
+
+
+def test_rosa_random_tiles_are_whole_seeded_and_spread(tmp_path: Path) -> None:
+    def flat(seed: int) -> torch.Tensor:
+        module = TileRegression()
+        method = lp.RoSA(r=2, density=0.3, tile=16, mask_criterion="random", warmup_steps=0, seed=seed,
+                         target_modules=["net.0"])
+        _fit(module, [method], max_steps=1, tmp_path=tmp_path)
+        return module.net[0].index("default").flat()
+
+    a, a2, other = flat(0), flat(0), flat(1)
+    runs = a.view(-1, 16)
+    assert a.numel() == nnz_for(0.3, 12 * 32) // 16 * 16 == 112 and torch.equal(a, a2) and not torch.equal(a, other)
+    assert bool((runs[:, 0] % 16 == 0).all()) and bool((runs - runs[:, :1] == torch.arange(16)).all())
+
+
+def test_rosa_tiles_train_resume_save_reload_and_bank_as_tiles(tmp_path: Path) -> None:
+    kwargs = {"r": 2, "density": 0.1, "tile": 16, "warmup_steps": 1, "mask_steps": 1, "target_modules": ["blocks.2"]}
+
+    steps: list[int] = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+            steps.append(trainer.global_step)
+
+    def run(name: str, ckpt_path: str | None = None) -> WrappedPlainLM:
+        torch.manual_seed(0)
+        module = WrappedPlainLM(seed=0)  # blocks.2 is 48 -> 24: 3 tiles of 16 per row
+        ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1)
+        steps.clear()
+        _fit(module, [lp.RoSA(**kwargs), ckpt, Steps()], 5, tmp_path, token_loader(n=48), ckpt_path=ckpt_path)
+        return module
+
+    full = run("full")  # warm-up: step 0, Fisher: step 1, joint (tiles): steps 2-4
+    layer = full.net.blocks[2]
+    index = layer.index("default")
+    assert index.nnz == nnz_for(0.1, 24 * 48) // 16 * 16 == 112 and bool(layer.rosa_values["default"].abs().sum() > 0)
+    ckpt = next((tmp_path / "full").glob("*step=3.ckpt"))
+    codes = {k.rsplit(":", 1)[1] for k in torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+             if "rosa_row" in k}
+    assert codes == {"tiles", "tile_width"}  # one int32 per tile in the checkpoint
+    resumed = run("resumed", ckpt_path=str(ckpt))
+    assert steps == [3, 4]  # resumed in the joint phase: the tiled mask came from the checkpoint
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
+
+    folder = lp.save_adapter(full, tmp_path / "rosa_tile")
+    reloaded = lp.load_adapter(WrappedPlainLM(seed=0), folder)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    bank = lp.AdapterBank(plain_base()).add("folder", folder).add("module", full.net)
+    with torch.no_grad():
+        ours, theirs = full.net(ids), reloaded.net(ids)
+        bank.activate("folder")
+        switched = bank.model(ids)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    torch.testing.assert_close(switched, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, plain_base()(ids))
+    for name in ("folder", "module"):
+        (_, tiles), (_, low) = bank.adapters[name]
+        assert isinstance(tiles, TileTerm) and tiles.width == 16 and tiles.tiles.numel() * 16 == index.nnz
+        assert isinstance(low, LowRankTerm)
+
+
+def test_rosa_tile_errors_name_the_rule_the_value_and_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"RoSA tile must be None.*16, 32, 64.*got tile=24.*tile=16"):
+        lp.RoSA(tile=24)
+    with pytest.raises(ValueError, match=r"RosaPeftConfig tile must be None.*got tile=True"):
+        lp.RosaPeftConfig(tile=True)
+    with pytest.raises(ValueError, match=r"RoSA tile=16 needs every target's in_features to be a multiple of 16, got "
+                                         r"layer 'net.2' \(5x12, in_features=12\); pick a tile that divides it \(none "
+                                         r"of 16/32/64 does\), exclude the layer with exclude_modules=, or use tile=None"):
+        lp.RoSA(tile=16, target_modules=["net.0", "net.2"]).inject(TileRegression())
+    with pytest.raises(ValueError, match=r"RoSA tile=16 .*'0' is a transformers Conv1D.*tile=None.*exclude_modules="):
+        lp.RoSA(tile=16, target_modules=["0"]).inject(nn.Sequential(Conv1D(16, 32)))
 
 
 # ---------------------------------------------------------------------------- storage

@@ -4,6 +4,8 @@
   (Nikdan et al., ICML 2024, arXiv 2401.04679, section 3) and SHiRA's density form (Bhardwaj et al.,
   NeurIPS 2024, arXiv 2406.13175);
 * :func:`topk_mask` (RoSA's Fisher mask, SHiRA-WM/Grad/SNIP) and :func:`random_mask` (SHiRA-Rand);
+* tiles (``tile=b``, RoSA and SHiRA alike): :func:`check_tile` (the config rule), :func:`tile_nnz` (the budget in
+  whole tiles), :func:`tile_mask` (the best tiles by pooled score) and :func:`check_tiles` (a custom mask's tiles);
 * :data:`DENSE_FALLBACK_DENSITY`: above it a training step takes "dense GEMM + gather" instead of
   SDDMM (:meth:`~lightning_peft.methods._sparse.core.SparseDeltaCore.sparse_linear`).
 """
@@ -12,9 +14,20 @@ from __future__ import annotations
 
 import torch
 
-from lightning_peft.kernels import SparseIndex
+from lightning_peft.kernels import TILE_WIDTHS, SparseIndex, expand_tiles
 
-__all__ = ["DENSE_FALLBACK_DENSITY", "check_density", "dense_fallback_density", "nnz_for", "random_mask", "topk_mask"]
+__all__ = [
+    "DENSE_FALLBACK_DENSITY",
+    "check_density",
+    "check_tile",
+    "check_tiles",
+    "dense_fallback_density",
+    "nnz_for",
+    "random_mask",
+    "tile_mask",
+    "tile_nnz",
+    "topk_mask",
+]
 
 # Density above which a *training* step uses dense GEMM + gather instead of SDDMM for dS, per
 # device type (RoSA, Nikdan et al. 2024; its SDDMM kernels IST-DASLab/spops).
@@ -102,3 +115,85 @@ def random_mask(
     numel = int(shape[0]) * int(shape[1])
     flat = torch.randperm(numel, generator=generator)[: nnz_for(density, numel)]  # (k,) int64
     return SparseIndex.from_flat(flat, (int(shape[0]), int(shape[1])))
+
+
+# ---------------------------------------------------------------------------- tiles
+# Tile-structured masks (issue 27): entries in 1 x b runs along the weight's contiguous (input) dimension, so an
+# AdapterBank switches an adapter by whole-tile copies (SMT, Sparse Matrix Tuning, ICLR 2025, selects and
+# switches blocks the same way; lightning_peft.kernels.tiles). RoSA (Nikdan et al., ICML 2024, arXiv 2401.04679)
+# pools its Fisher statistic per tile, SHiRA (arXiv 2406.13175) its mask score: both through these functions.
+def check_tile(tile: object, who: str) -> None:
+    """Raise unless ``tile`` is ``None`` (unstructured) or one of :data:`~lightning_peft.kernels.TILE_WIDTHS`."""
+    if tile is not None and (isinstance(tile, bool) or tile not in TILE_WIDTHS):
+        raise ValueError(
+            f"{who} tile must be None (unstructured) or one of {', '.join(map(str, TILE_WIDTHS))} (entries per 1 x b "
+            f"run along the input dimension), got tile={tile!r}; e.g. tile=16 (64-byte runs in fp32)"
+        )
+
+
+def tile_nnz(nnz: int, shape: tuple[int, int], tile: int | None, who: str, name: str = "") -> int:
+    """The budget ``nnz`` in whole tiles: ``max(1, nnz // b) * b`` (``nnz`` itself for ``tile=None``).
+
+    Rounded down, so a tiled layer never holds more than the unstructured budget (at most ``b - 1`` entries
+    fewer), except that every layer keeps at least one tile.
+
+    Args:
+        nnz: The unstructured budget (``round(density * out * in)``, or SHiRA's ``r * (in + out)``).
+        shape: ``(out, in)`` of the weight; ``b`` must divide ``in``.
+        tile: ``None`` or the tile width ``b``.
+        who: The method, for the error (``"RoSA"``, ``"SHiRA"``).
+        name: The layer's module name, for the error.
+
+    Raises:
+        ValueError: ``b`` does not divide ``in`` (the message names the layer, the widths that fit and the fixes).
+    """
+    if tile is None:
+        return nnz
+    out_f, in_f = int(shape[0]), int(shape[1])
+    if in_f % tile:
+        fits = ", ".join(str(b) for b in TILE_WIDTHS if in_f % b == 0) or f"none of {'/'.join(map(str, TILE_WIDTHS))} does"
+        layer = f"layer {name!r} ({out_f}x{in_f}" if name else f"a {out_f}x{in_f} layer ("
+        raise ValueError(
+            f"{who} tile={tile} needs every target's in_features to be a multiple of {tile}, got {layer}"
+            f"{', ' if name else ''}in_features={in_f}); pick a tile that divides it ({fits}), exclude the layer with "
+            "exclude_modules=, or use tile=None"
+        )
+    return max(1, nnz // tile) * tile
+
+
+def tile_mask(scores: torch.Tensor, nnz: int, b: int) -> SparseIndex:
+    """The ``nnz // b`` tiles (1 x b runs along ``in``) with the largest summed score, as a :class:`SparseIndex`.
+
+    Tile ``t`` holds the flat positions ``t * b ... t * b + b - 1`` (row ``t // (in / b)``). Ties go to the
+    lower tile number (stable sort), as :func:`topk_mask` breaks them. Random tiles: pass i.i.d. uniform
+    scores (their per-tile sums are exchangeable, so every set of tiles is equally likely).
+
+    Args:
+        scores: ``(out, in)`` float scores (RoSA's Fisher ``mean G**2``, ``|W|``, SHiRA's RMS gradient, ...), no NaN.
+        nnz: The layer's budget, a multiple of ``b`` (:func:`tile_nnz`).
+        b: Tile width; divides ``in``.
+
+    Returns:
+        A CPU :class:`SparseIndex` of exactly ``nnz`` entries, sorted row-major.
+
+    Raises:
+        ValueError: ``b`` does not divide ``in`` or ``nnz``.
+    """
+    out_f, in_f = int(scores.shape[0]), int(scores.shape[1])
+    if in_f % b or nnz % b:
+        raise ValueError(f"tile_mask: b={b} must divide in_features={in_f} and the budget nnz={nnz}; see tile_nnz")
+    pooled = scores.detach().float().cpu().reshape(out_f, in_f // b, b).sum(-1).reshape(-1)  # (out * in / b,)
+    best = torch.sort(pooled, descending=True, stable=True).indices[: nnz // b]  # (T,) tile numbers
+    return SparseIndex.from_flat(expand_tiles(torch.sort(best).values, b), (out_f, in_f))
+
+
+def check_tiles(index: SparseIndex, tile: int, who: str) -> SparseIndex:
+    """``index`` if its sorted positions are whole aligned 1 x ``tile`` runs, else a ValueError naming the fix."""
+    flat = torch.sort(index.flat()).values  # (nnz,)
+    runs = flat.view(-1, tile) if index.nnz % tile == 0 else None  # (T, tile)
+    if runs is None or not bool((runs[:, 0] % tile == 0).all() and (runs - runs[:, :1] == torch.arange(tile)).all()):
+        raise ValueError(
+            f"{who} returned positions that are not whole 1 x {tile} tiles along in_features, but the adapter has "
+            f"tile={tile}; return whole tiles (e.g. via lightning_peft.methods._sparse.tile_mask) or use tile=None"
+        )
+    return index

@@ -8,6 +8,10 @@ Adaptation", ICML 2024 (arXiv 2401.04679), section 3; schedule as in their code 
     S:            inactive    inactive, dO^T X        masks = per-layer top-k of the statistic,
                               collected per backward  then S trains jointly with LoRA
 
+With ``tile=b`` the masks are whole 1 x b tiles along ``in`` instead: the statistic summed per tile, the
+``nnz // b`` best tiles per layer (:func:`~lightning_peft.methods._sparse.tile_mask`, the one SHiRA uses), so an
+``AdapterBank`` switches ``S`` by contiguous tile copies (SMT, ICLR 2025) and checkpoints hold one int32 per tile.
+
 Every tensor exists at its final size from injection on (``rosa_values`` ``(nnz,)`` per layer),
 so the user's ``configure_optimizers`` sees all of them once and nothing is rebuilt when the
 masks appear: until then ``S`` is unused in the forward except for an exact zero term (so DDP
@@ -31,7 +35,7 @@ from typing_extensions import override
 from lightning_peft._deprecated import deprecated_names
 from lightning_peft.callback import AdapterCallback
 from lightning_peft.deltas import LowRankTerm, lora_scale, sparse_term
-from lightning_peft.methods._sparse import random_mask, topk_mask
+from lightning_peft.methods._sparse import random_mask, tile_mask, topk_mask
 from lightning_peft.methods.rosa.config import GRADIENT_CRITERIA, MaskCriterion, RoSAConfig, RosaPeftConfig
 from lightning_peft.methods.rosa.layer import RosaLayer
 from lightning_peft.methods.rosa.mask import (
@@ -110,6 +114,8 @@ class RoSA(AdapterCallback):
         use_rslora: Scale by ``alpha / sqrt(r)``.
         seed: Seed of the random mask and of the re-initialisation.
         adapter_name: Name of the adapter; stacked adapters need distinct names.
+        tile: ``None`` (unstructured ``S``) or ``16``/``32``/``64``: ``S`` in 1 x b tiles along ``in``, chosen by the
+            statistic pooled per tile, switched by whole-tile copies in an ``AdapterBank`` (see :class:`RoSAConfig`).
 
     Raises:
         ValueError: any invalid argument (see :class:`RoSAConfig`).
@@ -137,6 +143,7 @@ class RoSA(AdapterCallback):
         use_rslora: bool = False,
         seed: int = 0,
         adapter_name: str = "default",
+        tile: int | None = None,
     ) -> None:
         super().__init__(
             RoSAConfig(
@@ -144,7 +151,7 @@ class RoSA(AdapterCallback):
                 r=r, density=density, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                 mask_criterion=mask_criterion, warmup_steps=warmup_steps, mask_steps=mask_steps,
                 lora_lr=lora_lr, sparse_lr=sparse_lr, sparse_lr_ratio=sparse_lr_ratio, restart_after_mask=restart_after_mask,
-                grad_accumulator_device=grad_accumulator_device, seed=seed,
+                grad_accumulator_device=grad_accumulator_device, seed=seed, tile=tile,
             )
         )
         self._collectors: dict[str, GradientCollector] = {}
@@ -158,7 +165,7 @@ class RoSA(AdapterCallback):
         c = self.config
         return RosaPeftConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.use_rslora, density=c.density,
-            target_modules=target_names,
+            tile=c.tile, target_modules=target_names,
         )
 
     # ------------------------------------------------------------------ layers and phase
@@ -265,9 +272,17 @@ class RoSA(AdapterCallback):
                         f"RoSA[{name}]: no gradients were collected for {layer_name} before the mask step "
                         f"{c.mask_step}; the layer was not used in training_step"
                     )
-                index = topk_mask(collector.statistic(reduce).to(w.device), c.density)
+                scores = collector.statistic(reduce).to(w.device)  # (out, in) mean G**2 or |mean G|
             elif c.mask_criterion == "weight_magnitude":
-                index = topk_mask(w.detach().abs().float(), c.density)
+                scores = w.detach().abs().float()  # (out, in)
+            else:  # random
+                scores = None
+            if c.tile is not None:  # whole tiles by the score summed per tile; random: i.i.d. uniform scores
+                if scores is None:
+                    scores = torch.rand(shape, generator=layer_generator(c.seed, layer_name))
+                index = tile_mask(scores, layer.rosa_values[name].numel(), c.tile).to(w.device)
+            elif scores is not None:
+                index = topk_mask(scores, c.density)
             else:
                 index = random_mask(shape, c.density, layer_generator(c.seed, layer_name)).to(w.device)
             layer.grad_collectors.pop(name, None)

@@ -24,7 +24,7 @@ from peft.utils import PeftType
 
 from lightning_peft._deprecated import deprecated_names
 from lightning_peft.config import AdapterConfig, check_number
-from lightning_peft.methods._sparse.mask import check_density
+from lightning_peft.methods._sparse.mask import check_density, check_tile
 
 MaskCriterion = Literal["fisher", "mean", "weight_magnitude", "random"]
 MASK_CRITERIA: tuple[str, ...] = ("fisher", "mean", "weight_magnitude", "random")
@@ -58,7 +58,7 @@ def _check_r_density(who: str, r: object, density: object) -> None:
 
 @dataclass
 class RoSAConfig(AdapterConfig):
-    """Robust adaptation: ``Delta W = s * B A + S``, ``S`` unstructured sparse at ``density``.
+    """Robust adaptation: ``Delta W = s * B A + S``, ``S`` sparse at ``density`` (unstructured, or in tiles).
 
     Schedule (the paper's code, schedule "wl64"), counted in optimizer steps (``global_step``):
 
@@ -97,6 +97,13 @@ class RoSAConfig(AdapterConfig):
         grad_accumulator_device: ``cpu`` keeps the dense per-layer accumulators in host memory (as
             the paper's code); ``same`` keeps them next to the weight (faster, costs device memory).
         seed: Seed of the ``random`` criterion and of the re-initialisation after a restart.
+        tile: ``None`` (default): ``S`` is unstructured, as in the paper. ``16``/``32``/``64``: ``S`` holds whole
+            1 x ``tile`` runs along each weight's contiguous (input) dimension, the tiles with the largest
+            criterion summed per tile (the pooled Fisher, ``|mean G|`` or ``|W|``; uniform tiles for ``random``),
+            ``round(density * out * in) // tile`` tiles per layer (at least one): the same budget, or up to
+            ``tile - 1`` entries less. An ``AdapterBank`` then switches ``S`` by whole-tile copies (SMT, ICLR
+            2025). Every target's ``in_features`` must be a multiple of ``tile``; not for GPT-2 ``Conv1D``
+            targets (stored ``(in, out)``: their contiguous dimension is ``out``).
     """
 
     r: int = 16
@@ -113,10 +120,12 @@ class RoSAConfig(AdapterConfig):
     restart_after_mask: bool = False
     grad_accumulator_device: Literal["cpu", "same"] = "cpu"
     seed: int = 0
+    tile: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_r_density("RoSA", self.r, self.density)
+        check_tile(self.tile, "RoSA")
         check_number("RoSA", "alpha", self.alpha, low=0, hint="the paper uses alpha=16")
         check_number("RoSA", "dropout", self.dropout, low=0, high=1, low_open=False, high_open=True)
         if self.mask_criterion not in MASK_CRITERIA:
@@ -165,6 +174,8 @@ class RosaPeftConfig(PeftConfig):
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         density: Sparse fraction; each layer holds exactly ``round(density * out * in)`` (>= 1)
             values, allocated at injection so the optimizer never has to be rebuilt.
+        tile: ``None`` or the tile width ``b`` of a tile-structured ``S``: the layer then holds
+            ``max(1, round(density * out * in) // b) * b`` values (:func:`~lightning_peft.methods._sparse.tile_nnz`).
         target_modules: Module names/regex to adapt (``nn.Linear`` or transformers ``Conv1D``).
         exclude_modules: Module names/regex to leave alone.
         fan_in_fan_out: Weights stored ``(in, out)`` (GPT-2 ``Conv1D``); set automatically.
@@ -175,6 +186,7 @@ class RosaPeftConfig(PeftConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r)"})
     density: float = field(default=0.006, metadata={"help": "fraction of each weight in the sparse part"})
+    tile: int | None = field(default=None, metadata={"help": "None: unstructured S; 16/32/64: S in 1 x b tiles along in"})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to adapt"})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to leave alone"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "weights stored (in, out), e.g. GPT-2 Conv1D"})
@@ -183,6 +195,7 @@ class RosaPeftConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ROSA_PEFT_TYPE
         _check_r_density("RosaPeftConfig", self.r, self.density)
+        check_tile(self.tile, "RosaPeftConfig")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -8,9 +8,9 @@ Nikdan et al., ICML 2024 (arXiv 2401.04679), section 3::
 
 Per adapter ``a`` the layer holds ``rosa_A[a]`` ``(r, in)`` (Kaiming), ``rosa_B[a]`` ``(out, r)``
 (zero), ``rosa_values[a]`` ``(nnz,)`` (zero) and the persistent int32 buffers ``rosa_row[a]`` /
-``rosa_col[a]`` ``(nnz,)``, all at their final size ``nnz = round(density * out * in)`` from the
-start, so neither the optimizer nor a checkpoint ever sees a shape change. Until the mask is built
-the index holds the sentinel ``-1`` and the sparse part is inactive.
+``rosa_col[a]`` ``(nnz,)``, all at their final size ``nnz = round(density * out * in)`` (with ``tile=b``
+rounded down to whole tiles) from the start, so neither the optimizer nor a checkpoint ever sees a shape
+change. Until the mask is built the index holds the sentinel ``-1`` and the sparse part is inactive.
 
 The sparse part is the shared core (:class:`~lightning_peft.methods._sparse.core.SparseDeltaCore`):
 :func:`lightning_peft.kernels.sparse_delta_linear` (in-place ``W[idx] += S``, one GEMM, exact
@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from lightning_peft.kernels import SparseIndex, scatter_add
-from lightning_peft.methods._sparse import SparseDeltaCore, nnz_for
+from lightning_peft.methods._sparse import SparseDeltaCore, nnz_for, tile_nnz
 from lightning_peft.methods._sparse.storage import INDEX_CODES, decode_index, encode_index
 
 __all__ = ["Linear", "RosaLayer"]
@@ -65,7 +65,7 @@ class RosaLayer(BaseTunerLayer, SparseDeltaCore):
     """Adapter protocol of a RoSA layer (peft ``BaseTunerLayer``); :class:`Linear` is the module.
 
     Attributes:
-        r, scaling, density: Per adapter.
+        r, scaling, density, tile: Per adapter (``tile``: ``None`` or the width of a tile-structured mask).
         rosa_A: ``ParameterDict`` of ``(r, in)``; absent for ``r = 0``.
         rosa_B: ``ParameterDict`` of ``(out, r)``; absent for ``r = 0``.
         rosa_values: ``ParameterDict`` of ``(nnz,)`` sparse values.
@@ -73,13 +73,14 @@ class RosaLayer(BaseTunerLayer, SparseDeltaCore):
     """
 
     adapter_layer_names = ("rosa_A", "rosa_B", "rosa_values")
-    other_param_names = ("rosa_row", "rosa_col", "r", "scaling", "density", "rosa_dropout")
+    other_param_names = ("rosa_row", "rosa_col", "r", "scaling", "density", "tile", "rosa_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.density: dict[str, float] = {}
+        self.tile: dict[str, int | None] = {}
         self.rosa_A = nn.ParameterDict({})
         self.rosa_B = nn.ParameterDict({})
         self.rosa_values = nn.ParameterDict({})
@@ -97,19 +98,21 @@ class RosaLayer(BaseTunerLayer, SparseDeltaCore):
     # ------------------------------------------------------------------ creation
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, density: float,
-        use_rslora: bool = False, inference_mode: bool = False,
+        use_rslora: bool = False, inference_mode: bool = False, tile: int | None = None,
     ) -> None:
-        """Add adapter ``adapter_name`` with all tensors at their final size (``r``, ``density``: checked by
-        :class:`~lightning_peft.methods.rosa.config.RosaPeftConfig`)."""
+        """Add adapter ``adapter_name`` with all tensors at their final size (``r``, ``density``, ``tile``: checked
+        by :class:`~lightning_peft.methods.rosa.config.RosaPeftConfig`)."""
         self.r[adapter_name] = r
         self.density[adapter_name] = float(density)
+        self.tile[adapter_name] = tile
         self.scaling[adapter_name] = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0
         self.rosa_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if r > 0:
             self.rosa_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))  # (r, in)
             self.rosa_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))  # (out, r)
             nn.init.kaiming_uniform_(self.rosa_A[adapter_name], a=math.sqrt(5))  # as nn.Linear / peft LoRA
-        nnz = nnz_for(density, self.in_features * self.out_features)
+        shape = (self.out_features, self.in_features)
+        nnz = tile_nnz(nnz_for(density, shape[0] * shape[1]), shape, tile, "RoSA")  # whole tiles when tiled
         self.rosa_values[adapter_name] = nn.Parameter(torch.zeros(nnz))  # (nnz,)
         self.rosa_row[adapter_name] = torch.full((nnz,), _UNSET, dtype=torch.int32)  # (nnz,)
         self.rosa_col[adapter_name] = torch.full((nnz,), _UNSET, dtype=torch.int32)  # (nnz,)
@@ -164,7 +167,7 @@ class RosaLayer(BaseTunerLayer, SparseDeltaCore):
             raise ValueError(
                 f"RoSA mask of shape {index.shape} with nnz={index.nnz} does not fit this layer "
                 f"({self.out_features}, {self.in_features}) with nnz={self.rosa_values[adapter].numel()}; "
-                "build it with topk_mask(scores, density) at the adapter's density"
+                "build it with topk_mask(scores, density) at the adapter's density (tile_mask(scores, nnz, b) when tiled)"
             )
         self.rosa_row[adapter].copy_(index.row)
         self.rosa_col[adapter].copy_(index.col)
@@ -214,13 +217,13 @@ class Linear(nn.Module, RosaLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int = 16, lora_alpha: float = 16.0,
         lora_dropout: float = 0.0, density: float = 0.006, use_rslora: bool = False,
-        fan_in_fan_out: bool = False, **kwargs: Any,
+        fan_in_fan_out: bool = False, tile: int | None = None, **kwargs: Any,
     ) -> None:
         super().__init__()
         RosaLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, density, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, density, use_rslora, tile=tile)
         self.register_load_state_dict_pre_hook(_decode_index)  # checkpoints hold compact indices
         self.register_load_state_dict_post_hook(_refresh_after_load)  # a function, not a lambda: picklable
 

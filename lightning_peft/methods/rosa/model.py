@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import register_peft_method
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lightning_peft.methods._sparse import tile_nnz
 from lightning_peft.methods.rosa.config import ROSA_PEFT_TYPE, RosaPeftConfig
 from lightning_peft.methods.rosa.layer import Linear, RosaLayer
 
@@ -35,8 +36,18 @@ class RosaModel(BaseTuner):
     ) -> None:
         kwargs = {
             "r": rosa_config.r, "lora_alpha": rosa_config.lora_alpha, "lora_dropout": rosa_config.lora_dropout,
-            "density": rosa_config.density, "use_rslora": rosa_config.use_rslora,
+            "density": rosa_config.density, "use_rslora": rosa_config.use_rslora, "tile": rosa_config.tile,
         }
+        if rosa_config.tile is not None:  # here the layer's name is known: the error can name it
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if isinstance(base, Conv1D):
+                raise ValueError(
+                    f"RoSA tile={rosa_config.tile} runs tiles along a weight's contiguous dimension, but {current_key!r} is "
+                    "a transformers Conv1D (GPT-2) whose weight is stored (in, out); use tile=None for these layers or "
+                    "exclude them with exclude_modules="
+                )
+            in_f, out_f = _get_in_out_features(base)
+            tile_nnz(1, (out_f, in_f), rosa_config.tile, "RoSA", current_key)
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **kwargs)
             return

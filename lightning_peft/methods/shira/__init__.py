@@ -172,7 +172,7 @@ class SHiRA(AdapterCallback):
                 f"{' ...' if len(wrong) > 3 else ''}; target only nn.Linear modules (GPT-2's attention/MLP are "
                 "transformers Conv1D: use LoRA there) or exclude them with exclude_modules="
             )
-        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r, c.tile) for n, m in bases.items()}
+        budgets = {n: layer_nnz(m.out_features, m.in_features, c.density, c.r, c.tile, n) for n, m in bases.items()}
         r = c.r or max(math.ceil(budgets[n] / (m.in_features + m.out_features)) for n, m in bases.items())
         too_big = [n for n, m in bases.items() if r * (m.in_features + m.out_features) > m.in_features * m.out_features]
         if too_big:

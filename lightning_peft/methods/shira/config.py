@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_peft.config import AdapterConfig
-from lightning_peft.kernels import TILE_WIDTHS
-from lightning_peft.methods._sparse.mask import check_density
+from lightning_peft.methods._sparse.mask import check_density, check_tile
 
 MaskKind = Literal["random", "struct", "wm", "grad", "snip"]
 MASK_KINDS: tuple[str, ...] = ("random", "struct", "wm", "grad", "snip")
@@ -62,11 +61,7 @@ class SHiRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tile is not None and (isinstance(self.tile, bool) or self.tile not in TILE_WIDTHS):
-            raise ValueError(
-                f"SHiRA tile must be None (unstructured) or one of {', '.join(map(str, TILE_WIDTHS))} (entries per 1 x b "
-                f"run along the input dimension), got tile={self.tile!r}; e.g. tile=16 (64-byte runs in fp32)"
-            )
+        check_tile(self.tile, "SHiRA")
         if self.tile is not None and self.mask == "struct":
             raise ValueError(
                 f"SHiRA mask='struct' (every f-th row and column plus the diagonal) cannot be tiled, got tile={self.tile}; "

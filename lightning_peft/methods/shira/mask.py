@@ -16,10 +16,10 @@ layer's budget ``nnz`` (``round(density * out * in)``, or ``r * (out + in)``):
 
 Ties are broken by the lower flat index (``topk_mask``), so every mask is deterministic.
 
-With ``tile=b`` (:func:`tile_mask`) the same scores choose whole 1 x b runs along ``in`` instead of single
-entries: each tile's score is the sum of its ``b`` entries' scores, the ``nnz // b`` best tiles are kept
-(``random``: uniform tiles), so an ``AdapterBank`` switches the adapter by contiguous tile copies (SMT,
-Sparse Matrix Tuning, ICLR 2025, selects and switches blocks the same way).
+With ``tile=b`` (:func:`~lightning_peft.methods._sparse.tile_mask`, shared with RoSA) the same scores choose whole
+1 x b runs along ``in`` instead of single entries: each tile's score is the sum of its ``b`` entries' scores, the
+``nnz // b`` best tiles are kept (``random``: uniform tiles), so an ``AdapterBank`` switches the adapter by
+contiguous tile copies (SMT, Sparse Matrix Tuning, ICLR 2025, selects and switches blocks the same way).
 """
 
 from __future__ import annotations
@@ -31,32 +31,27 @@ from typing import Any
 
 import torch
 
-from lightning_peft.kernels import SparseIndex, expand_tiles
-from lightning_peft.methods._sparse import nnz_for, random_mask, topk_mask
+from lightning_peft.kernels import SparseIndex
+from lightning_peft.methods._sparse import check_tiles, nnz_for, random_mask, tile_mask, tile_nnz, topk_mask
 
 __all__ = ["build_mask", "layer_nnz", "pad_index", "struct_mask", "tile_mask"]
 
 
-def layer_nnz(out_features: int, in_features: int, density: float, r: int | None = None, tile: int | None = None) -> int:
+def layer_nnz(out_features: int, in_features: int, density: float, r: int | None = None, tile: int | None = None,
+              name: str = "") -> int:
     """The layer's exact budget: ``r * (out + in)`` if ``r`` else ``round(density * out * in)`` (>= 1).
 
-    With ``tile=b`` the budget is whole tiles: ``max(1, nnz // b) * b`` (rounded down, so it never exceeds
-    peft's ``r * (in + out)`` slots; at most ``b - 1`` entries below the unstructured budget).
+    With ``tile=b`` the budget is whole tiles: ``max(1, nnz // b) * b`` (:func:`~lightning_peft.methods._sparse.tile_nnz`,
+    rounded down, so it never exceeds peft's ``r * (in + out)`` slots; at most ``b - 1`` entries below the
+    unstructured budget).
 
     Raises:
-        ValueError: the budget exceeds the layer (``nnz > out * in``), or ``b`` does not divide ``in``.
+        ValueError: the budget exceeds the layer (``nnz > out * in``), or ``b`` does not divide ``in`` (the message
+            names the layer ``name``).
     """
     numel = out_features * in_features
     nnz = r * (out_features + in_features) if r is not None else nnz_for(density, numel)
-    if tile is not None:
-        if in_features % tile:
-            raise ValueError(
-                f"SHiRA tile={tile} needs every target's in_features to be a multiple of {tile}, got a "
-                f"{out_features}x{in_features} layer (in_features={in_features}); pick a tile that divides it "
-                f"({', '.join(str(b) for b in (16, 32, 64) if in_features % b == 0) or 'none of 16/32/64 does'}), "
-                "exclude the layer with exclude_modules=, or use tile=None"
-            )
-        nnz = max(1, nnz // tile) * tile
+    nnz = tile_nnz(nnz, (out_features, in_features), tile, "SHiRA", name)
     if nnz > numel:
         raise ValueError(
             f"SHiRA r={r} asks for r * (in + out) = {nnz} trainable entries in a {out_features}x{in_features} layer "
@@ -123,29 +118,6 @@ def struct_mask(shape: tuple[int, int], nnz: int) -> SparseIndex:
     return SparseIndex.from_flat(chosen, (out_f, in_f))
 
 
-def tile_mask(scores: torch.Tensor, nnz: int, b: int) -> SparseIndex:
-    """The ``nnz // b`` tiles (1 x b runs along ``in``) with the largest summed score, as a :class:`SparseIndex`.
-
-    Tile ``t`` holds the flat positions ``t * b ... t * b + b - 1`` (row ``t // (in / b)``). Ties go to the
-    lower tile number (stable sort), as :func:`topk_mask` breaks them. Random tiles: pass i.i.d. uniform
-    scores (their per-tile sums are exchangeable, so every set of tiles is equally likely).
-
-    Args:
-        scores: ``(out, in)`` float scores (``|W|``, RMS gradient, ...), no NaN.
-        nnz: The layer's budget, a multiple of ``b`` (:func:`layer_nnz` with ``tile=b``).
-        b: Tile width; divides ``in``.
-
-    Returns:
-        A CPU :class:`SparseIndex` of exactly ``nnz`` entries, sorted row-major.
-    """
-    out_f, in_f = int(scores.shape[0]), int(scores.shape[1])
-    if in_f % b or nnz % b:
-        raise ValueError(f"tile_mask: b={b} must divide in_features={in_f} and the budget nnz={nnz}; see layer_nnz(tile=)")
-    pooled = scores.detach().float().cpu().reshape(out_f, in_f // b, b).sum(-1).reshape(-1)  # (out * in / b,)
-    best = torch.sort(pooled, descending=True, stable=True).indices[: nnz // b]  # (T,) tile numbers
-    return SparseIndex.from_flat(expand_tiles(torch.sort(best).values, b), (out_f, in_f))
-
-
 def _as_index(result: Any, shape: tuple[int, int], nnz: int, who: str) -> SparseIndex:
     if isinstance(result, torch.Tensor) and result.dtype == torch.bool:
         result = SparseIndex.from_mask(result.cpu())
@@ -175,18 +147,6 @@ def _scores(kind: str, weight: torch.Tensor, stats: torch.Tensor | None, name: s
         )
     score = stats.float().sqrt().cpu()
     return score * weight.detach().float().abs().cpu() if kind == "snip" else score
-
-
-def _check_tiles(index: SparseIndex, tile: int, who: str) -> SparseIndex:
-    """``index`` if its sorted positions are whole aligned 1 x ``tile`` runs, else a ValueError naming the fix."""
-    flat = torch.sort(index.flat()).values  # (nnz,)
-    runs = flat.view(-1, tile) if index.nnz % tile == 0 else None  # (T, tile)
-    if runs is None or not bool((runs[:, 0] % tile == 0).all() and (runs - runs[:, :1] == torch.arange(tile)).all()):
-        raise ValueError(
-            f"{who} returned positions that are not whole 1 x {tile} tiles along in_features, but the adapter has "
-            f"tile={tile}; return whole tiles (e.g. via lightning_peft.methods.shira.mask.tile_mask) or use tile=None"
-        )
-    return index
 
 
 def build_mask(
@@ -224,7 +184,7 @@ def build_mask(
     if callable(kind):
         who = f"the SHiRA mask function {getattr(kind, '__name__', kind)!r}"
         index = _as_index(kind(weight, stats), shape, nnz, who)
-        return index if tile is None else _check_tiles(index, tile, who)
+        return index if tile is None else check_tiles(index, tile, who)
     if kind not in ("random", "struct", "wm", "grad", "snip"):
         raise ValueError(f"unknown SHiRA mask {kind!r}; use random, struct, wm, grad, snip or a callable")
     if kind == "struct" and tile is not None:
