@@ -81,9 +81,9 @@ def done() -> dict[str, dict[str, Any]]:
     return {run_key(r["task"], r["method"], r["lr"], r["seed"]): r for r in rows}
 
 
-def overrides(task: str, method: str, lr: float, seed: int, run_dir: Path) -> list[str]:
+def overrides(task: str, method: str, lr: float, seed: int, run_dir: Path, precision: str = PRECISION) -> list[str]:
     return [f"model={MODEL}", f"task={task}", *METHODS[method], f"module.lr={lr:g}", f"seed={seed}",
-            f"trainer.max_steps={STEPS}", f"trainer.precision={PRECISION}", "logger=none", "+trainer.enable_progress_bar=false",
+            f"trainer.max_steps={STEPS}", f"trainer.precision={precision}", "logger=none", "+trainer.enable_progress_bar=false",
             "+callbacks.clock._target_=real_models.StepClock",
             f"hydra.run.dir={run_dir}", *TASKS[task]["overrides"]]
 
@@ -116,7 +116,8 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
 
     run_dir = Path(spec["run_dir"])
     with initialize_config_module(version_base="1.3", config_module="lightning_peft.conf"):
-        cfg = compose("train", overrides=overrides(spec["task"], spec["method"], spec["lr"], spec["seed"], run_dir)
+        cfg = compose("train", overrides=overrides(spec["task"], spec["method"], spec["lr"], spec["seed"], run_dir,
+                                                     spec.get("precision", PRECISION))
                       + spec.get("extra", []))
     OmegaConf.set_struct(cfg, False)
     cfg.run_dir = str(run_dir)  # `${hydra:runtime.output_dir}` outside a Hydra app
@@ -237,18 +238,21 @@ def main() -> None:
     ap.add_argument("--lrs", default=DEFAULT_LRS)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precision", default=PRECISION, help="the runs' trainer.precision (recorded in each row); "
+                    "32-true on a CPU without native bf16 (no AVX512-BF16 / AMX), where bf16 GEMMs take a slow path")
     args = ap.parse_args()
+    common = {} if args.precision == PRECISION else {"precision": args.precision}
     methods = args.methods.split(",")
     if args.phase == "one":
         print("ROW " + json.dumps(one(json.loads(args.spec))), flush=True)
     elif args.phase == "sweep":
-        launch([{"task": args.task, "method": m, "lr": float(lr), "seed": 0} for lr in args.lrs.split(",") for m in methods])
+        launch([{"task": args.task, "method": m, "lr": float(lr), "seed": 0, **common} for lr in args.lrs.split(",") for m in methods])
     elif args.phase == "seeds":
         lrs = best_lrs(args.task)
         missing = [m for m in methods if m not in lrs]
         if missing:
             raise SystemExit(f"no sweep result for {missing} on {args.task}: run `real_models.py sweep` first")
-        launch([{"task": t, "method": m, "lr": lrs[m], "seed": int(s)} for t in TASKS for s in args.seeds.split(",")
+        launch([{"task": t, "method": m, "lr": lrs[m], "seed": int(s), **common} for t in TASKS for s in args.seeds.split(",")
                 for m in methods])
     else:
         report(args.task)

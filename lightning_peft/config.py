@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,3 +82,27 @@ def check_resumed_config(who: str, saved: dict[str, Any], now: dict[str, Any]) -
             f"{who}: the checkpoint was trained with another config ({pretty}). Resume with the checkpoint's "
             "settings, or start a new run."
         )
+
+
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as oneDNN detects them). Without it, PyTorch's
+    bf16 GEMMs on CPU take a scalar fallback path (measured ~50x slower than fp32 on an AVX2-only AMD EPYC)."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_precision(measured: str) -> str:
+    """``trainer=cpu``'s precision: the model group's measured ``cpu_precision`` (``conf/model/*.yaml``), except
+    that a bf16 choice becomes ``32-true`` on a CPU without native bf16 (:func:`native_cpu_bf16`), where the
+    measurement's reason (bf16 is faster at fp32's quality) does not hold. A user's ``trainer.precision=...`` is
+    taken as given (it replaces this interpolation)."""
+    if "bf16" in str(measured) and not native_cpu_bf16():
+        log.warning("trainer=cpu: %s was measured fastest on CPUs with native bf16 (AVX512-BF16/AMX); this CPU has "
+                    "none, so training runs in 32-true (set trainer.precision=%s to force it)", measured, measured)
+        return "32-true"
+    return str(measured)

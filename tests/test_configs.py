@@ -286,10 +286,16 @@ def test_the_cpu_trainer_precision_of_each_model_is_the_measured_choice(monkeypa
     monkeypatch.syspath_prepend(str(bench))
     from cpu_precision import choose
 
+    import lightning_peft.config as config
+
     chosen = choose(json.loads((bench / "results" / "cpu_precision.json").read_text()))
     expected = {"llama": chosen["llama-v1"], "qwen2": chosen["llama-v1"], "gpt2": chosen["llama-v1"],  # the zoo
                 "smollm2": chosen["smollm2-135m"], "hf": chosen["smollm2-135m"]}  # real checkpoints
-    for model, precision in expected.items():
-        cfg = _compose([f"model={model}", *(["model.name_or_path=x"] if model == "hf" else [])])
-        assert cfg.trainer.precision == precision, model
-    assert chosen["smollm2-135m"] != "32-true"  # a real model trains faster in bf16 on this CPU (else drop the key)
+    assert chosen["smollm2-135m"] != "32-true"  # a real model trains faster in bf16 on a bf16 CPU (else drop the key)
+    for native in (True, False):  # without native bf16 (an AVX2-only CPU) a bf16 choice falls back to 32-true
+        monkeypatch.setattr(config, "native_cpu_bf16", lambda native=native: native)
+        for model, precision in expected.items():
+            cfg = _compose([f"model={model}", *(["model.name_or_path=x"] if model == "hf" else [])])
+            assert cfg.trainer.precision == (precision if native or "bf16" not in precision else "32-true"), model
+        cfg = _compose(["model=smollm2", "trainer.precision=bf16-mixed"])  # what the user types is kept
+        assert cfg.trainer.precision == "bf16-mixed"
