@@ -158,6 +158,10 @@ def fidelity(
         same_vocabulary: Whether the two tokenizers agree (default: compared here).
         batch_size: Rows per forward pass.
 
+    Shapes: ``prompts`` and ``completions`` are ``n`` strings each; every model runs on padded batches of
+    ``batch_size`` rows, ``(B, T)`` token ids under its own tokenizer, and is read at the ``N`` positions that
+    predict completion tokens, ``(N, V)`` logits (:class:`~lightning_peft.upgrade.agreement.TeacherForced`).
+
     Returns:
         :class:`Fidelity`; every model's train/eval mode and adapters are as they were.
 
