@@ -8,6 +8,8 @@
 4. **Real test accuracy** of every candidate, the bare target and Fine-tune_n (token accuracy and loss).
 5. **Calibration**: the agreement threshold above which (and the token-level KL ``max_kl`` below which)
    candidates keep >= ``--goal`` of the source adapter's token accuracy; then the routes the fleet gets there.
+   Also the fidelity's ``min_fidelity`` and each score's rank correlation with relative accuracy (all candidates,
+   and across families alone).
 
 Writes ``benchmarks/results/upgrade_fleet.{json,md,png}``. Reruns continue (every step is cached in ``--work``).
 
@@ -69,13 +71,51 @@ def evaluate(adapter: Path | None, base: str, task: str, num_test: int, cache: P
     return out
 
 
-def calibrate(points: list[dict[str, Any]], goal: float) -> float:
-    """Smallest agreement threshold above which every candidate keeps >= ``goal`` of its source's token accuracy."""
-    for t in sorted({round(p["agreement"], 3) for p in points}):
-        above = [p for p in points if p["agreement"] >= t]
+def calibrate(points: list[dict[str, Any]], goal: float, key: str = "agreement") -> float:
+    """Smallest threshold on ``key`` (``agreement`` or ``fidelity``) above which every candidate keeps >= ``goal`` of
+    its source's token accuracy (1.0: none); candidates without that score are left out."""
+    points = [p for p in points if p.get(key) is not None]
+    for t in sorted({round(p[key], 3) for p in points}):
+        above = [p for p in points if p[key] >= t]
         if above and all(p["relative_acc"] >= goal for p in above):
             return t
     return 1.0
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation of two equally long lists (average ranks for ties); ``None`` below 3 pairs."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in order[i : j + 1]:
+                out[k] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else None
+
+
+def correlations(points: list[dict[str, Any]]) -> dict[str, tuple[float | None, int]]:
+    """Each score's rank correlation with relative token accuracy, and over how many candidates: all, and across
+    families (``qwen2`` targets of the llama fleet) alone."""
+    out = {}
+    for key in ("agreement", "kl", "fidelity"):
+        for name, subset in (("", points), (" across families", [p for p in points if p["target"].startswith("qwen2")])):
+            have = [p for p in subset if p.get(key) is not None]
+            out[key + name] = (spearman([p[key] for p in have], [p["relative_acc"] for p in have]), len(have))
+    return out
 
 
 def calibrate_kl(points: list[dict[str, Any]], goal: float) -> float | None:
@@ -142,9 +182,11 @@ def main() -> None:
     have = {(r["adapter"], r["target"]) for r in rows}
     for path in args.include:
         rows += [r for r in json.loads(path.read_text())["rows"] if (r["adapter"], r["target"]) not in have]
-    points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "relative_acc": r[route]["relative_acc"],
+    points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "fidelity": r[route].get("fidelity"),
+               "fidelity_basis": r[route].get("fidelity_basis"), "relative_acc": r[route]["relative_acc"],
                "route": route, "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
     threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
+    min_fidelity = calibrate(points, args.goal, "fidelity")
 
     def passes(score: dict[str, Any]) -> bool:  # as `upgrade threshold=<threshold> max_kl=<max_kl>` decides
         kl = score.get("kl")
@@ -156,22 +198,27 @@ def main() -> None:
         r["route_acc"] = r[taken]["acc"] if taken else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"threshold": threshold, "max_kl": max_kl, "goal": args.goal,
-                                                        "rows": rows, "points": points}, indent=2))
-    text = markdown(rows, points, threshold, max_kl, args.goal)
+                                                        "min_fidelity": min_fidelity, "rows": rows, "points": points},
+                                                       indent=2))
+    text = markdown(rows, points, threshold, max_kl, args.goal, min_fidelity)
     args.out.with_suffix(".md").write_text(text)
     plot(rows, points, threshold, args.out.with_suffix(".png"))
     print(text)
 
 
 def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, max_kl: float | None,
-             goal: float) -> str:
+             goal: float, min_fidelity: float | None = None) -> str:
     with_kl = sum(p.get("kl") is not None for p in points)
+    corr = ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'} (n={n})" for k, (v, n) in correlations(points).items())
     lines = ["# Fleet upgrade on the zoo (`python benchmarks/upgrade_fleet.py`)", "",
              f"Calibrated threshold: agreement >= {threshold} (every candidate above it keeps >= {goal} of its source "
              f"adapter's token accuracy; {len(points)} candidates).", "",
              f"Calibrated max_kl: token-level KL <= {max_kl} (every candidate below it keeps >= {goal}; {with_kl} "
              "candidates share the old base's vocabulary). The taken route uses both, as `lightning-peft upgrade "
              f"threshold={threshold} max_kl={max_kl}` would.", "",
+             f"Calibrated min_fidelity (`score=fidelity`): fidelity >= {min_fidelity} (not used by the taken route "
+             "below).", "",
+             f"Rank correlation (Spearman) of each score with relative token accuracy: {corr}.", "",
              "Token accuracy on the target's real test split, mean ± std over seeds:", "",
              "| target | task | method | n | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
              "Fine-tune_n | routes (direct / translora / needs data) | agreement direct / translora | s per adapter |",

@@ -25,6 +25,7 @@ from lightning_peft.upgrade import (
     AdapterRecord,
     Agreement,
     Candidate,
+    Fidelity,
     RouteSkipped,
     UpgradeConfig,
     agreement,
@@ -34,6 +35,7 @@ from lightning_peft.upgrade import (
     upgrade_fleet,
 )
 from lightning_peft.upgrade import fleet as fleet_mod
+from lightning_peft.upgrade.report import COLUMNS, write_report
 from lightning_peft.upgrade.routes import DirectRoute, RouteContext
 
 MICRO = dict(max_length=64, num_train=16, num_val=0, num_test=4, batch_size=8)
@@ -132,6 +134,34 @@ def test_agreement_of_a_model_with_itself_and_the_kl_by_hand() -> None:
 
 
 # --------------------------------------------------------------------------- route choice (stubbed scorer)
+class _StubRoute:
+    """A route whose candidate is the old adapter on the new base; records that it was tried."""
+
+    def __init__(self, name: str, tried: list[str]) -> None:
+        self.name, self.tried = name, tried
+
+    def propose(self, context: RouteContext) -> Candidate:
+        self.tried.append(self.name)
+        model, tok = context.models.load(context.cfg.new, context.folder, other_base=True)
+        return Candidate(model, tok, model, context.folder)
+
+
+def _stub_routes(monkeypatch) -> list[str]:
+    """Both routes stubbed, the check's inputs too; returns the names of the routes tried, in order."""
+    tried: list[str] = []
+    for name in ("direct", "translora"):
+        monkeypatch.setitem(ROUTES, name, _StubRoute(name, tried))
+    monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
+    return tried
+
+
+def _fidelity(value: float | None, basis: str = "kl") -> Fidelity:
+    """A stub's fidelity: ``value`` in both forms, fixed log-likelihoods."""
+    note = None if value is not None else "KL(reference || new base) is 0, not positive: no measurable effect"
+    return Fidelity(value, basis, value if basis == "kl" else None, value, 0.5 if basis == "kl" else None,
+                    {"candidate": -1.0, "new_base": -1.5, "reference": -0.9, "old_base": -1.4}, 10, note)
+
+
 @pytest.mark.parametrize(
     ("scores", "route"),
     [({"direct": 0.9, "translora": 0.95}, "direct"),  # the cheapest route that passes wins
@@ -139,28 +169,18 @@ def test_agreement_of_a_model_with_itself_and_the_kl_by_hand() -> None:
      ({"direct": 0.5, "translora": 0.6}, "needs_data")],
 )
 def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeypatch, scores: dict, route: str) -> None:
-    tried = []
-
-    class Stub:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def propose(self, context: RouteContext) -> Candidate:
-            tried.append(self.name)
-            model, tok = context.models.load(context.cfg.new, context.folder, other_base=True)
-            return Candidate(model, tok, model, context.folder)
-
-    for name in ("direct", "translora"):
-        monkeypatch.setitem(ROUTES, name, Stub(name))
-    monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
+    tried = _stub_routes(monkeypatch)
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]], 0.0, None, 1))
+    monkeypatch.setattr(fleet_mod, "fidelity", lambda *a, **k: _fidelity(1.0 - scores[tried[-1]]))  # the opposite order
     cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8,
                         keep_candidates=True)
+    assert cfg.score == "agreement"  # the default decides on the agreement, as before
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == route and tried == (["direct"] if route == "direct" else ["direct", "translora"])
     kept = sorted(p.name for p in (tmp_path / "out" / "lora" / "candidates").iterdir())
     assert kept == sorted(tried)  # every scored candidate, taken or not
-    assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1} for r, s in scores.items() if r in tried}
+    assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1, **_fidelity(1.0 - s).to_dict()}
+                             for r, s in scores.items() if r in tried}
     if route == "needs_data":
         assert row["output"] is None and "direct: agreement 0.500 < threshold 0.8" in row["reason"]
     else:
@@ -183,6 +203,60 @@ def test_a_small_token_kl_takes_a_route_the_agreement_does_not(fleet: Path, tmp_
     if route == "needs_data":
         kl = "" if max_kl is None else f", kl 0.200 > max_kl {max_kl}"
         assert row["reason"].endswith(f"direct: agreement 0.500 < threshold 0.8{kl}")
+
+
+@pytest.mark.parametrize(
+    ("score", "scores", "route", "reason"),  # scores: route -> (agreement, fidelity)
+    [("fidelity", {"direct": (0.3, 0.85), "translora": (0.95, 0.9)}, "direct", None),
+     ("agreement", {"direct": (0.3, 0.85), "translora": (0.95, 0.9)}, "translora", None),  # the same fleet, the default
+     ("fidelity", {"direct": (0.9, 0.5), "translora": (0.3, 0.85)}, "translora", None),
+     ("fidelity", {"direct": (0.9, 0.5), "translora": (0.9, None)}, "needs_data",
+      "direct: fidelity 0.500 < min_fidelity 0.8; translora: fidelity undefined (KL(reference || new base) is 0")],
+)
+def test_route_choice_on_the_fidelity(fleet: Path, tmp_path: Path, monkeypatch, score: str, scores: dict, route: str,
+                                      reason: str | None) -> None:
+    tried = _stub_routes(monkeypatch)
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]][0], 0.0, None, 1))
+    monkeypatch.setattr(fleet_mod, "fidelity", lambda *a, **k: _fidelity(scores[tried[-1]][1]))
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), score=score,
+                        threshold=0.8, min_fidelity=0.8)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == route
+    if route == "needs_data":
+        assert reason in row["reason"] and row["output"] is None
+        assert (row["agreement"], row["fidelity"]) == (0.9, 0.5)  # the best of the scored candidates, each score apart
+        return
+    assert (row["agreement"], row["fidelity"]) == scores[route]
+    meta = lp.adapter_io.read_adapter(row["output"])[2]["upgrade"]
+    assert (meta["agreement"], meta["fidelity"], meta["fidelity_basis"]) == (*scores[route], "kl")
+    assert (meta["score"], meta["threshold"], meta["min_fidelity"]) == (score, 0.8, 0.8)
+
+
+def test_the_report_keeps_the_old_scores_next_to_the_fidelity(fleet: Path, tmp_path: Path, monkeypatch) -> None:
+    tried = _stub_routes(monkeypatch)
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.6, 0.25, 0.3, 4))
+    monkeypatch.setattr(fleet_mod, "fidelity", lambda *a, **k: _fidelity(0.7))
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
+                        score="fidelity", min_fidelity=0.9)
+    rows = upgrade_fleet(cfg, progress=False)
+    assert tried == ["direct", "translora"] and rows[0]["route"] == "needs_data"
+    old_row = {"adapter": "from-before", "route": "direct", "agreement": 0.9, "seconds": 1.0, "output": "x"}  # no fidelity
+    files = write_report([*rows, old_row], tmp_path / "report", cfg.min_fidelity, cfg.score)
+    row = json.loads(files["json"].read_text())[0]
+    assert {"adapter", "route", "agreement", "fidelity", "seconds", "output", "scores", "reason"} <= row.keys()
+    assert row["scores"]["direct"] == {
+        "agreement": 0.6, "exact": 0.25, "kl": 0.3, "inputs": 4,  # the old scores, kept
+        "fidelity": 0.7, "fidelity_basis": "kl", "fidelity_kl": 0.7, "fidelity_ll": 0.7, "kl_new": 0.5,
+        "ll_per_byte": {"candidate": -1.0, "new_base": -1.5, "reference": -0.9, "old_base": -1.4}, "bytes": 10,
+        "fidelity_note": None}
+    assert "direct: fidelity 0.700 < min_fidelity 0.9" in row["reason"]
+    header, first, second = files["csv"].read_text().splitlines()
+    assert header == ",".join(COLUMNS) and header.startswith("adapter,route,agreement,fidelity,seconds,output")
+    assert first.startswith("lora,needs_data,0.6,0.7,") and second.startswith("from-before,direct,0.9,,1.0,x")
+    md = files["md"].read_text()
+    assert "| adapter | route | agreement | fidelity | seconds |" in md
+    assert "| lora | needs_data | 0.600 | 0.700 |" in md and "| from-before | direct | 0.900 |  | 1.000 |" in md
+    assert files["png"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_no_direct_route_across_families_and_no_check_without_seeds(fleet: Path, tmp_path: Path) -> None:
@@ -210,6 +284,10 @@ def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fl
     assert by_name["team-c__broken"]["route"] == "failed" and "corrupted" in by_name["team-c__broken"]["reason"]
     assert by_name["team-a__lora"]["route"] == by_name["team-b__shira"]["route"] == "direct"  # threshold 0: the first
     assert 0.0 <= by_name["team-a__lora"]["agreement"] <= 1.0 and by_name["team-a__lora"]["scores"]["direct"]["kl"] >= 0
+    direct = by_name["team-a__lora"]["scores"]["direct"]  # one vocabulary: the KL form of the fidelity decides
+    assert direct["fidelity_basis"] == "kl" and direct["fidelity"] == direct["fidelity_kl"] <= 1.0 and direct["kl_new"] > 0
+    assert by_name["team-a__lora"]["fidelity"] == direct["fidelity"] and set(direct["ll_per_byte"]) == {
+        "candidate", "new_base", "reference", "old_base"}
     done = tmp_path / "out" / "team-a__lora" / "upgrade_done.json"
     stamp = done.stat().st_mtime_ns
     again = upgrade_fleet(cfg, progress=False)  # resume: finished adapters are skipped, the broken one retried
@@ -232,6 +310,19 @@ def test_translora_route_trains_a_student_on_the_new_base(fleet: Path, tmp_path:
     config, tensors, meta = lp.adapter_io.read_adapter(row["output"])
     old = lp.adapter_io.read_adapter(fleet / "team-a" / "lora")[1]
     assert tensors.keys() == old.keys() and any(not torch.equal(tensors[k], old[k]) for k in old)  # a new adapter
+
+
+def test_a_student_of_another_family_is_routed_on_its_per_byte_fidelity(fleet: Path, tmp_path: Path) -> None:
+    """llama -> qwen2 (another tokenizer): no KL, the fidelity's log-likelihood form decides with score=fidelity."""
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="qwen2-micro-v1", score="fidelity", min_fidelity=0.0,
+                        out=str(tmp_path / "out"), **QUICK)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    student = row["scores"]["translora"]
+    assert set(row["scores"]) == {"translora"}  # direct: the shapes do not fit
+    assert student["kl"] is None and student["fidelity_kl"] is None and student["kl_new"] is None
+    assert student["fidelity_basis"] == "ll" and student["fidelity"] == student["fidelity_ll"] == row["fidelity"]
+    assert student["fidelity"] is not None and abs(student["fidelity"]) < 100, student
+    assert row["route"] == ("translora" if student["fidelity"] >= 0.0 else "needs_data"), row
 
 
 def test_a_generator_out_of_budget_leaves_the_check_on_the_seeds_and_no_student(fleet: Path, tmp_path: Path) -> None:
@@ -278,6 +369,26 @@ def test_bad_input_is_named_with_the_fix(fleet: Path, tmp_path: Path) -> None:
         UpgradeConfig(adapters=".", new="x", threshold=2)
     with pytest.raises(ValueError, match=r"max_kl is a KL in nats per token, >= 0 or null, got -1; e.g. max_kl=0.3"):
         UpgradeConfig(adapters=".", new="x", max_kl=-1)
+    with pytest.raises(ValueError, match=r"score must be one of \['agreement', 'fidelity'\], got 'kl'; e.g. score=fidelity"):
+        UpgradeConfig(adapters=".", new="x", score="kl")
+    with pytest.raises(ValueError, match=r"min_fidelity is a fidelity in \[0, 1\] .*got 1.5; e.g. min_fidelity=0.8"):
+        UpgradeConfig(adapters=".", new="x", min_fidelity=1.5)
+
+
+def test_conf_upgrade_yaml_mirrors_upgrade_config() -> None:
+    """Every UpgradeConfig field is a key of conf/upgrade.yaml, with the same default (the deciding score included)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "upgrade.yaml"))
+    set_there = {"adapters", "new", "out", "synthesis", "student"}  # required (???), the run folder, blocks of their own
+    for f in dataclasses.fields(UpgradeConfig):
+        assert f.name in conf, f"conf/upgrade.yaml lacks {f.name}"
+        if f.name not in set_there:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert conf[f.name] == default, f"conf/upgrade.yaml {f.name}: {conf[f.name]!r} vs {default!r}"
+    assert (conf["score"], conf["min_fidelity"]) == ("agreement", 0.8)
 
 
 # --------------------------------------------------------------------------- the command, as a user types it
@@ -296,8 +407,8 @@ def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards
     out = tmp_path / "run" / "upgraded"
     rows = json.loads((out / "upgrade_report.json").read_text())
     assert [(r["adapter"], r["route"]) for r in rows] == [("team-a__lora", "direct"), ("team-b__shira", "direct")]
-    assert all({"adapter", "route", "agreement", "seconds", "output"} <= r.keys() for r in rows)
-    assert (out / "upgrade_report.csv").read_text().splitlines()[0].startswith("adapter,route,agreement,seconds,output")
+    assert all({"adapter", "route", "agreement", "fidelity", "seconds", "output"} <= r.keys() for r in rows)
+    assert (out / "upgrade_report.csv").read_text().splitlines()[0].startswith("adapter,route,agreement,fidelity,seconds,output")
     assert "| team-a__lora | direct |" in (out / "upgrade_report.md").read_text()
     assert (out / "upgrade_report.png").read_bytes()[:4] == b"\x89PNG" and "fleet upgrade" in proc.stdout
     (run_file,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")

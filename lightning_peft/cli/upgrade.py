@@ -25,7 +25,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     ucfg = upgrade_config(cfg)
     with RunContext(cfg) as run:
         rows = upgrade_fleet(ucfg)
-        files = write_report(rows, ucfg.out, ucfg.threshold)
+        deciding = ucfg.min_fidelity if ucfg.score == "fidelity" else ucfg.threshold
+        files = write_report(rows, ucfg.out, deciding, ucfg.score)
         if run.logger is not None:
             log_report(rows, run.logger, files["png"])
         print_report(rows, files["md"])
@@ -37,11 +38,11 @@ def print_report(rows: list[dict[str, Any]], where: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"fleet upgrade: {len(rows)} adapters")
-    for column in ("adapter", "route", "agreement", "seconds"):
-        table.add_column(column, justify="right" if column in ("agreement", "seconds") else "left", no_wrap=True)
+    for column in ("adapter", "route", "agreement", "fidelity", "seconds"):
+        table.add_column(column, justify="left" if column in ("adapter", "route") else "right", no_wrap=True)
     for r in rows:
-        agreement = "" if r.get("agreement") is None else f"{r['agreement']:.3f}"
-        table.add_row(r["adapter"], r["route"], agreement, f"{r.get('seconds', 0):.1f}")
+        scores = ["" if r.get(key) is None else f"{r[key]:.3f}" for key in ("agreement", "fidelity")]
+        table.add_row(r["adapter"], r["route"], *scores, f"{r.get('seconds', 0):.1f}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)

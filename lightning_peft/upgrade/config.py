@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lightning_peft.transfer import StudentConfig
 from lightning_peft.upgrade.routes import ROUTES
 
-__all__ = ["UpgradeConfig"]
+__all__ = ["SCORES", "UpgradeConfig"]
+
+Score = Literal["agreement", "fidelity"]
+SCORES: tuple[str, ...] = get_args(Score)  # what `score` may name: the deciding score of a route
 
 
 @dataclass
@@ -24,9 +27,16 @@ class UpgradeConfig:
         out: Where the upgraded adapters go (one folder per adapter, named like its source path).
         routes: Routes tried, in this order (names in :data:`~lightning_peft.upgrade.routes.ROUTES`:
             ``direct``, ``translora``).
-        threshold: Agreement a route needs to be taken (calibrated on the zoo, see ``benchmarks/upgrade_fleet.py``).
+        score: The score that decides whether a route is taken: ``"agreement"`` (similarity of greedy outputs, at
+            least ``threshold``) or ``"fidelity"`` (the share of the old adapter's effect the candidate keeps, between
+            the bare new base, 0, and the old base + old adapter, 1, at least ``min_fidelity``;
+            :mod:`lightning_peft.upgrade.fidelity`). Both, and the KL, are reported for every candidate either way.
+        threshold: Agreement a route needs to be taken with ``score="agreement"`` (calibrated on the zoo, see
+            ``benchmarks/upgrade_fleet.py``).
+        min_fidelity: Fidelity a route needs to be taken with ``score="fidelity"``. Not calibrated yet: 0.8 is a
+            placeholder until the zoo and real fleets are measured with it.
         max_kl: Also take a route whose token-level KL to the reference is at most this (nats per token;
-            same vocabulary only, so same-family updates; ``None``: agreement alone decides). On the zoo the
+            same vocabulary only, so same-family updates; ``None``: ``score`` alone decides; either score passes with it). On the zoo the
             KL predicts real accuracy far better than the agreement does (``benchmarks/README.md``).
         num_holdout: Held-out synthetic inputs the check scores on (besides the seeds).
         num_synthetic: Synthetic examples a Trans-LoRA student trains on (default: the adapter's
@@ -51,7 +61,9 @@ class UpgradeConfig:
     old: str | None = None
     out: str = "upgraded"
     routes: list[str] = field(default_factory=lambda: list(ROUTES))
+    score: Score = "agreement"
     threshold: float = 0.8
+    min_fidelity: float = 0.8
     max_kl: float | None = None
     num_holdout: int = 16
     num_synthetic: int | None = None
@@ -72,6 +84,12 @@ class UpgradeConfig:
                              "e.g. routes=[direct,translora]")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"upgrade threshold is an agreement in [0, 1], got {self.threshold!r}; e.g. threshold=0.8")
+        if self.score not in SCORES:
+            raise ValueError(f"upgrade score must be one of {list(SCORES)}, got {self.score!r}; e.g. score=fidelity")
+        if isinstance(self.min_fidelity, bool) or not isinstance(self.min_fidelity, (int, float)) or not (
+                0.0 <= self.min_fidelity <= 1.0):
+            raise ValueError(f"upgrade min_fidelity is a fidelity in [0, 1] (0: the bare new base, 1: the old adapter on "
+                             f"the old base), got {self.min_fidelity!r}; e.g. min_fidelity=0.8")
         if self.max_kl is not None and not (isinstance(self.max_kl, (int, float)) and self.max_kl >= 0):
             raise ValueError(f"upgrade max_kl is a KL in nats per token, >= 0 or null, got {self.max_kl!r}; e.g. max_kl=0.3")
         if self.shard is not None and not (isinstance(self.num_shards, int) and 0 <= self.shard < self.num_shards):

@@ -11,13 +11,16 @@ works across close versions; Trans-PEFT finds it degrades), so it is decided per
                  has one), labelled by old base + adapter, a fresh adapter trained on the new base
       needs data neither passes: retrain with real data (the reason is reported)
 
-Every candidate is scored by the data-free agreement check (:mod:`.agreement`) against the old
-base + old adapter on the seeds and on held-out synthetic inputs; the first route whose
-``agreement`` reaches ``threshold`` is taken. Per adapter the output folder holds the new adapter
-(peft format, the new base's fingerprint, route and scores in its metadata, the record carried
-on); the fleet gets ``upgrade_report.{json,csv,md,png}``. A rerun skips adapters finished with the
-same settings and refuses changed settings naming the keys (``redo_changed=true`` redoes them,
-:mod:`lightning_peft.resume`); a failing adapter is reported and the others go on.
+Every candidate is scored against the old base + old adapter on the seeds and on held-out synthetic
+inputs, on the same reference completions, by the data-free agreement check (:mod:`.agreement`:
+greedy outputs, and the token KL where the vocabularies match) and by the fidelity (:mod:`.fidelity`:
+the share of the adapter's effect kept, 0 at the bare new base, 1 at the reference); the first route
+whose deciding score (``score``: ``agreement`` >= ``threshold``, the default, or ``fidelity`` >=
+``min_fidelity``) passes, or whose KL is at most ``max_kl``, is taken. Per adapter the output folder
+holds the new adapter (peft format, the new base's fingerprint, route and scores in its metadata,
+the record carried on); the fleet gets ``upgrade_report.{json,csv,md,png}``. A rerun skips adapters
+finished with the same settings and refuses changed settings naming the keys (``redo_changed=true``
+redoes them, :mod:`lightning_peft.resume`); a failing adapter is reported and the others go on.
 ``shard``/``num_shards`` split the fleet across jobs (Hydra multirun). The routes are objects in one
 registry (:mod:`.routes`).
 """
@@ -41,8 +44,9 @@ from lightning_peft.model_loader import ModelLoader
 from lightning_peft.registry import spec_for_peft_type
 from lightning_peft.resume import FinishedFile
 from lightning_peft.transfer.models import greedy_completions
-from lightning_peft.upgrade.agreement import Agreement, agreement
+from lightning_peft.upgrade.agreement import agreement
 from lightning_peft.upgrade.config import UpgradeConfig
+from lightning_peft.upgrade.fidelity import fidelity
 from lightning_peft.upgrade.routes import ROUTES, Candidate, RouteContext, RouteSkipped
 
 __all__ = ["NoSeedsError", "find_adapters", "upgrade_adapter", "upgrade_fleet"]
@@ -114,11 +118,11 @@ def upgrade_fleet(cfg: UpgradeConfig, progress: bool = True) -> list[dict[str, A
         try:
             row = upgrade_adapter(folder, cfg, out / name, models)
         except NoSeedsError as exc:
-            row = {"route": "needs_data", "reason": str(exc), "agreement": None, "output": None}
+            row = {"route": "needs_data", "reason": str(exc), "agreement": None, "fidelity": None, "output": None}
         except Exception as exc:  # one adapter's failure is reported, the fleet goes on
             log.error("upgrade: %s failed: %s", name, exc)
-            row = {"route": "failed", "reason": f"{type(exc).__name__}: {exc}", "agreement": None, "output": None,
-                   "traceback": traceback.format_exc(limit=5)}
+            row = {"route": "failed", "reason": f"{type(exc).__name__}: {exc}", "agreement": None, "fidelity": None,
+                   "output": None, "traceback": traceback.format_exc(limit=5)}
         row = {"adapter": name, "source": str(folder), **row, "seconds": round(time.perf_counter() - start, 1)}
         if row["route"] != "failed":
             _done_file(out / name).write(settings, {"row": row})
@@ -158,7 +162,7 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
     context = RouteContext(folder, record, old, method, cfg, target, models)
     reference, ref_tok = models.load(old, folder, other_base=True)
     inputs, ref_outputs, context.synthetic = _check_inputs(context, reference, ref_tok)
-    scores: dict[str, Any] = {}
+    scores: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     for route in cfg.routes:
         try:
@@ -166,22 +170,47 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
         except RouteSkipped as exc:
             reasons.append(f"{route}: {exc}")
             continue
-        score = agreement(reference, ref_tok, candidate.model, candidate.tokenizer, inputs, reference_outputs=ref_outputs,
-                          max_new_tokens=cfg.max_new_tokens)
-        scores[route] = score.to_dict()
+        scores[route] = score = _score(reference, ref_tok, candidate, inputs, ref_outputs, cfg)
         if cfg.keep_candidates:
             _save(candidate, target / "candidates" / route, route, score, context)
-        close = cfg.max_kl is not None and score.kl is not None and score.kl <= cfg.max_kl
-        if score.agreement >= cfg.threshold or close:
+        failed = _fails(score, cfg)
+        if failed is None:
             output = _save(candidate, target / "adapter", route, score, context)
-            return {"route": route, "agreement": score.agreement, "scores": scores, "method": method, "old": old,
-                    "new": cfg.new, "output": str(output), "reason": None}
-        kl = f", kl {score.kl:.3f} > max_kl {cfg.max_kl}" if cfg.max_kl is not None and score.kl is not None else ""
-        reasons.append(f"{route}: agreement {score.agreement:.3f} < threshold {cfg.threshold}{kl}")
-    best = max(scores.items(), key=lambda kv: kv[1]["agreement"], default=(None, None))
-    return {"route": "needs_data", "agreement": best[1]["agreement"] if best[1] else None, "scores": scores,
-            "method": method, "old": old, "new": cfg.new, "output": None,
-            "reason": "retrain with real data: " + "; ".join(reasons)}
+            return {"route": route, "agreement": score["agreement"], "fidelity": score["fidelity"], "scores": scores,
+                    "method": method, "old": old, "new": cfg.new, "output": str(output), "reason": None}
+        reasons.append(f"{route}: {failed}")
+    best = {key: max((s[key] for s in scores.values() if s[key] is not None), default=None)
+            for key in ("agreement", "fidelity")}
+    return {"route": "needs_data", **best, "scores": scores, "method": method, "old": old, "new": cfg.new,
+            "output": None, "reason": "retrain with real data: " + "; ".join(reasons)}
+
+
+def _score(reference: nn.Module, ref_tok: Any, candidate: Candidate, inputs: list[str], ref_outputs: list[str],
+           cfg: UpgradeConfig) -> dict[str, Any]:
+    """Every score of one candidate: the agreement check's (:mod:`.agreement`) and the fidelity (:mod:`.fidelity`),
+    on the same inputs and the same reference completions."""
+    scored = agreement(reference, ref_tok, candidate.model, candidate.tokenizer, inputs, reference_outputs=ref_outputs,
+                       max_new_tokens=cfg.max_new_tokens)
+    kept = fidelity(reference, ref_tok, candidate.model, candidate.tokenizer, inputs, ref_outputs)
+    return {**scored.to_dict(), **kept.to_dict()}
+
+
+def _fails(score: dict[str, Any], cfg: UpgradeConfig) -> str | None:
+    """Why a scored candidate is not taken (``None``: it is): ``cfg.score`` below its threshold and no ``max_kl`` pass."""
+    kl = score["kl"]
+    if cfg.max_kl is not None and kl is not None and kl <= cfg.max_kl:
+        return None
+    if cfg.score == "fidelity":
+        value = score["fidelity"]
+        if value is not None and value >= cfg.min_fidelity:
+            return None
+        why = (f"fidelity {value:.3f} < min_fidelity {cfg.min_fidelity}" if value is not None
+               else f"fidelity undefined ({score.get('fidelity_note')})")
+    else:
+        if score["agreement"] >= cfg.threshold:
+            return None
+        why = f"agreement {score['agreement']:.3f} < threshold {cfg.threshold}"
+    return why + (f", kl {kl:.3f} > max_kl {cfg.max_kl}" if cfg.max_kl is not None and kl is not None else "")
 
 
 def _check_inputs(context: RouteContext, reference: nn.Module, ref_tok: Any) -> tuple[list[str], list[str], Any]:
@@ -199,7 +228,7 @@ def _check_inputs(context: RouteContext, reference: nn.Module, ref_tok: Any) -> 
     return inputs, seed_out + [r["output"] for r in holdout], synthetic
 
 
-def _save(candidate: Candidate, path: Path, route: str, score: Agreement, context: RouteContext) -> Path:
+def _save(candidate: Candidate, path: Path, route: str, score: dict[str, Any], context: RouteContext) -> Path:
     """Write a candidate: peft format, the new base's fingerprint, route and scores, the record carried on."""
     cfg, record = context.cfg, context.record
     # the discriminator judges the *old* base's inputs: not carried
@@ -207,6 +236,6 @@ def _save(candidate: Candidate, path: Path, route: str, score: Agreement, contex
                             task_kwargs=record.task_kwargs, base=cfg.new)
     meta = {"upgrade": {"route": route, "from": context.old, "to": cfg.new,
                         "source_adapter": str(candidate.source) if candidate.source else None,
-                        **score.to_dict(), "threshold": cfg.threshold}}
+                        **score, "score": cfg.score, "threshold": cfg.threshold, "min_fidelity": cfg.min_fidelity}}
     with torch.no_grad():
         return save_adapter(candidate.owner, path, metadata=meta, record=carried)

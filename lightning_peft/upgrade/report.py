@@ -1,8 +1,11 @@
 """The fleet report: ``upgrade_report.{json,csv,md,png}``, the W&B table, and merging the shards of one fleet.
 
-``upgrade_report.json`` is a list of ``{adapter, route, agreement, seconds, output, ...}`` rows, one
-per adapter; ``lightning-peft upgrade-report DIR`` merges every ``upgrade_report.json`` below
-``DIR`` (the jobs of a ``lightning-peft upgrade -m shard=...`` sweep) into one report in ``DIR``.
+``upgrade_report.json`` is a list of ``{adapter, route, agreement, fidelity, seconds, output, ...}`` rows,
+one per adapter: ``agreement`` and ``fidelity`` are the taken candidate's (else the best of the scored
+ones), and ``scores`` holds every scored candidate's scores by route (agreement, exact, kl; fidelity,
+its basis, both of its forms and the per-byte log-likelihoods behind them:
+:class:`~lightning_peft.upgrade.fidelity.Fidelity`). ``lightning-peft upgrade-report DIR`` merges
+every ``upgrade_report.json`` below ``DIR`` (the jobs of a ``lightning-peft upgrade -m shard=...`` sweep) into one report in ``DIR``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from lightning_peft.atomic import atomic_write_text
 __all__ = ["REPORT", "COLUMNS", "log_report", "merge_reports", "write_report"]
 
 REPORT = "upgrade_report"
-COLUMNS = ("adapter", "route", "agreement", "seconds", "output", "method", "old", "new", "reason")
+COLUMNS = ("adapter", "route", "agreement", "fidelity", "seconds", "output", "method", "old", "new", "reason")
 _COLOURS = {"direct": "tab:green", "translora": "tab:blue", "needs_data": "tab:orange", "failed": "tab:red"}
 
 
@@ -33,23 +36,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The report as a markdown table, with the count of each route."""
     counts = Counter(r["route"] for r in rows)
     lines = [f"# Fleet upgrade: {len(rows)} adapters (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")",
-             "", "| adapter | route | agreement | seconds | method | old -> new | output / reason |", "|" + "---|" * 7]
+             "", "| adapter | route | agreement | fidelity | seconds | method | old -> new | output / reason |",
+             "|" + "---|" * 8]
     for r in rows:
         detail = r.get("output") or (r.get("reason") or "").replace("|", "/")
-        lines.append(f"| {r['adapter']} | {r['route']} | {_cell(r.get('agreement'))} | {_cell(r.get('seconds'))} | "
+        lines.append(f"| {r['adapter']} | {r['route']} | {_cell(r.get('agreement'))} | {_cell(r.get('fidelity'))} | "
+                     f"{_cell(r.get('seconds'))} | "
                      f"{r.get('method') or ''} | {r.get('old') or ''} -> {r.get('new') or ''} | {detail} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, threshold: float | None = None) -> None:
-    """Bars of each adapter's agreement, coloured by the route it got (PNG)."""
+def plot(rows: list[dict[str, Any]], path: Path, threshold: float | None = None, score: str = "agreement") -> None:
+    """Bars of each adapter's ``score`` (the deciding one), coloured by the route it got (PNG); values outside
+    [0, 1] (a fidelity can be) are drawn at the edge."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.8))
-    values = [r.get("agreement") or 0.0 for r in rows]
+    values = [min(max(r.get(score) or 0.0, 0.0), 1.0) for r in rows]
     ax.bar(range(len(rows)), values, color=[_COLOURS.get(r["route"], "grey") for r in rows])
     if threshold is not None:
         ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold}")
@@ -58,16 +64,18 @@ def plot(rows: list[dict[str, Any]], path: Path, threshold: float | None = None)
             ax.bar([0], [0], color=colour, label=route)
     ax.set_xticks(range(len(rows)), [r["adapter"] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("agreement with old base + old adapter")
-    ax.set_title("fleet upgrade: route and agreement per adapter")
+    ax.set_ylabel(f"{score} with old base + old adapter")
+    ax.set_title(f"fleet upgrade: route and {score} per adapter")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(rows: list[dict[str, Any]], folder: str | Path, threshold: float | None = None) -> dict[str, Path]:
-    """Write ``upgrade_report.{json,csv,md,png}`` into ``folder``; returns the files by suffix."""
+def write_report(rows: list[dict[str, Any]], folder: str | Path, threshold: float | None = None,
+                 score: str = "agreement") -> dict[str, Path]:
+    """Write ``upgrade_report.{json,csv,md,png}`` into ``folder`` (the plot shows ``score`` against ``threshold``);
+    returns the files by suffix."""
     folder = Path(folder)
     files = {ext: folder / f"{REPORT}.{ext}" for ext in ("json", "csv", "md", "png")}
     atomic_write_text(files["json"], json.dumps(rows, indent=2))
@@ -77,7 +85,7 @@ def write_report(rows: list[dict[str, Any]], folder: str | Path, threshold: floa
     writer.writerows(rows)
     atomic_write_text(files["csv"], buffer.getvalue())
     atomic_write_text(files["md"], markdown(rows))
-    plot(rows, files["png"], threshold)
+    plot(rows, files["png"], threshold, score)
     return files
 
 

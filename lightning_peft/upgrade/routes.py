@@ -3,7 +3,7 @@
 A route is an object with a ``name`` and ``propose(context) -> Candidate``: it builds a candidate
 adapter on the new base for the adapter the :class:`RouteContext` describes, or raises
 :class:`RouteSkipped` saying why it does not apply. The fleet (:mod:`.fleet`) tries the routes of
-``UpgradeConfig.routes`` in order, scores each candidate with the data-free agreement check and takes
+``UpgradeConfig.routes`` in order, scores each candidate with the data-free checks (agreement, fidelity) and takes
 the first that passes. Routes here, cheapest first (:data:`ROUTES`):
 
 * ``direct`` (:class:`DirectRoute`): the old adapter loaded onto the new base (same shapes only);
