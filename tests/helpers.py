@@ -191,3 +191,20 @@ def peft_round_trip(module, base_path: str, folder, ids):
         untouched = plain(input_ids=ids).logits
         theirs = PeftModel.from_pretrained(plain, folder).eval()(input_ids=ids).logits
     return ours, untouched, theirs
+
+
+def assert_matches_oracle_under_autocast(op, oracle, leaves: dict[str, torch.Tensor], grad_out: torch.Tensor,
+                                         dtype: torch.dtype) -> None:
+    """``op(**leaves)`` against ``oracle(**leaves)`` under CPU autocast ``dtype`` (``bf16-mixed`` / ``16-mixed``):
+    outputs in ``dtype``, equal within its rounding, and gradients of the fp32 leaves back in fp32, equal too."""
+    mine = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    with torch.autocast("cpu", dtype=dtype):
+        y, y_ref = op(**mine), oracle(**ref)
+    assert y.dtype == y_ref.dtype == dtype
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    for name in leaves:
+        assert mine[name].grad.dtype == torch.float32, name
+        torch.testing.assert_close(mine[name].grad, ref[name].grad, atol=5e-2, rtol=2e-2, msg=name)

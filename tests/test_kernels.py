@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_matches_oracle_under_autocast
 from lightning_peft.kernels import (
     SparseIndex,
     scatter_add,
@@ -303,19 +304,10 @@ def test_sparse_delta_linear_under_autocast_matches_dense_autograd(dtype: torch.
     index = _index(0.05, seed=40)
     weight = _randn(OUT, IN, seed=41)
     leaves = {"x": _randn(T, IN, seed=42), "values": _randn(index.nnz, seed=43) * 0.1, "bias": _randn(OUT, seed=44)}
-    mine = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
     grad_out = _randn(T, OUT, seed=45).to(dtype)
-    with torch.autocast("cpu", dtype=dtype):
-        y = sparse_delta_linear(mine["x"], weight, mine["values"], index, mine["bias"])
-        y_ref = _dense_oracle(ref["x"], weight, ref["values"], index, ref["bias"])
-    assert y.dtype == y_ref.dtype == dtype
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
-    for name in leaves:
-        assert mine[name].grad.dtype == torch.float32, name
-        torch.testing.assert_close(mine[name].grad, ref[name].grad, atol=5e-2, rtol=2e-2, msg=name)
+    assert_matches_oracle_under_autocast(lambda x, values, bias: sparse_delta_linear(x, weight, values, index, bias),
+                                         lambda x, values, bias: _dense_oracle(x, weight, values, index, bias),
+                                         leaves, grad_out, dtype)
 
 
 def test_sparse_delta_linear_without_bias_or_input_grad() -> None:

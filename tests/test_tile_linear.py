@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
-from helpers import shira_net
+from helpers import assert_matches_oracle_under_autocast, shira_net
 from lightning_peft.kernels import (
     expand_tiles,
     tile_delta_linear,
@@ -123,19 +123,10 @@ def test_tile_delta_linear_under_autocast_matches_dense_autograd(dtype: torch.dt
     weight = _randn(OUT, 64, seed=12)
     leaves = {"x": _randn(2, N, 64, seed=13), "values": _randn(tiles.numel(), 16, seed=14) * 0.1,
               "bias": _randn(OUT, seed=15)}
-    mine = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
     grad_out = _randn(2, N, OUT, seed=16).to(dtype)
-    with torch.autocast("cpu", dtype=dtype):
-        y = tile_delta_linear(mine["x"], weight, mine["values"], tiles, mine["bias"])
-        y_ref = _dense_oracle(ref["x"], weight, ref["values"], tiles, ref["bias"])
-    assert y.dtype == y_ref.dtype == dtype
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
-    for name in leaves:
-        assert mine[name].grad.dtype == torch.float32, name
-        torch.testing.assert_close(mine[name].grad, ref[name].grad, atol=5e-2, rtol=2e-2, msg=name)
+    assert_matches_oracle_under_autocast(lambda x, values, bias: tile_delta_linear(x, weight, values, tiles, bias),
+                                         lambda x, values, bias: _dense_oracle(x, weight, values, tiles, bias),
+                                         leaves, grad_out, dtype)
 
 
 def test_tile_delta_linear_gradcheck_fp64() -> None:
