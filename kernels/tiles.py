@@ -236,7 +236,7 @@ def tile_linear_add(y: torch.Tensor, x: torch.Tensor, tiles: torch.Tensor, value
     if x.shape[0] != n_rows or x.ndim != 2 or y.ndim != 2 or not y.is_contiguous() or inp % b:
         raise ValueError(f"tile_linear_add needs y (R, out) contiguous and x (R, in) with b={b} dividing in, got "
                          f"y {tuple(y.shape)} (contiguous: {y.is_contiguous()}) and x {tuple(x.shape)}")
-    _check_tiles(torch.empty(out * inp // b, 0), tiles)
+    _check_tiles(torch.empty(out * inp // b, b, device="meta"), tiles)  # S as tile rows: only its shape is read
     rows = torch.arange(n_rows, device=y.device) if rows is None else rows.long()
     if (native is not False and b % 16 == 0 and y.dtype == x.dtype == values.dtype == torch.float32 and y.is_cpu
             and x.is_cpu and tiles.dtype == torch.int64 and _tiles_native.library() is not None):
