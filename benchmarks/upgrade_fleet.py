@@ -163,12 +163,14 @@ def main() -> None:
         model = "qwen2" if target.startswith("qwen2") else "llama"
         upgrade_dir = args.work / "upgrade" / target
         if not (upgrade_dir / "upgraded" / "upgrade_report.json").is_file():
-            cli("upgrade", f"adapters={fleet}", f"new={target}", "keep_candidates=true", "threshold=1.0", "logger=csv",
-                *args.upgrade, f"hydra.run.dir={upgrade_dir}")
+            # every candidate scored and trained to the end (no threshold, no early stop, no budget): the calibration
+            cli("upgrade", f"adapters={fleet}", f"new={target}", "keep_candidates=true", "threshold=1.0", "student_checks=0",
+                "time_budget=null", "logger=csv", *args.upgrade, f"hydra.run.dir={upgrade_dir}")
         report = {r["adapter"]: r for r in json.loads((upgrade_dir / "upgraded" / "upgrade_report.json").read_text())}
         for name, src in sources.items():
             task = src["task"]
-            row = {"adapter": name, "target": target, **src, "seconds": report[f"{name}__adapter"]["seconds"]}
+            done = report[f"{name}__adapter"]
+            row = {"adapter": name, "target": target, **src, "seconds": done["seconds"], "timings": done.get("timings")}
             bare = evaluate(None, target, task, args.num_test, args.work / "eval" / target / f"bare-{task}.json")
             fine = train(args.work / "fine_tune_n" / target / name, f"model={model}", f"model.name_or_path={target}",
                          f"task={task}", f"method={src['method']}", f"seed={src['seed']}", *common)

@@ -64,6 +64,7 @@ class AdapterRecord:
         train_size: Training examples the adapter saw (Trans-LoRA's default synthetic-set size).
         task_kwargs: Task settings a student needs (``max_length``).
         base: The base the adapter was trained on, as its user named it (zoo name, folder, Hub name).
+        train_seconds: How long its ``fit`` took (what retraining it with its data would cost; an upgrade reports it).
         discriminator: Its Trans-LoRA discriminator folder (when writing: copied into the adapter folder).
     """
 
@@ -72,6 +73,7 @@ class AdapterRecord:
     train_size: int | None = None
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
+    train_seconds: float | None = None
     discriminator: str | None = None
 
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from helpers import read_wandb_offline_run
 
 import lightning_peft as lp
+from lightning_peft.budget import TimeBudget
 from lightning_peft.model_loader import ModelLoader
 from lightning_peft.module import CausalLMModule
 from lightning_peft.resume import SettingsChangedError
@@ -35,8 +36,10 @@ from lightning_peft.upgrade import (
     upgrade_fleet,
 )
 from lightning_peft.upgrade import fleet as fleet_mod
+from lightning_peft.upgrade import routes as routes_mod
 from lightning_peft.upgrade.report import COLUMNS, write_report
 from lightning_peft.upgrade.routes import DirectRoute, RouteContext
+from lightning_peft.upgrade.student_check import StudentCheck
 
 MICRO = dict(max_length=64, num_train=16, num_val=0, num_test=4, batch_size=8)
 # seconds-long upgrade settings on micro models
@@ -354,6 +357,132 @@ def test_an_upgrade_written_inside_the_fleet_folder_is_not_part_of_the_fleet(fle
     assert "upgraded/team-a__lora/adapter" in names(find_adapters(root))
 
 
+# --------------------------------------------------------------------------- decide before spending
+class _Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_budget_counts_phases_and_names_the_one_it_ran_out_in() -> None:
+    clock = _Clock()
+    budget = TimeBudget(10.0, clock=clock)
+    with budget.phase("synthesis"):
+        clock.now = 4.0
+        assert not budget.expired() and budget.left() == 6.0
+    with budget.phase("student"):
+        with budget.phase("scoring"):
+            clock.now = 7.0
+        clock.now = 12.0
+        assert budget.expired() and budget.left() == 0.0
+    with budget.phase("synthesis"):
+        clock.now = 13.0
+        assert budget.expired()
+    assert budget.seconds == {"synthesis": 5.0, "scoring": 3.0, "student": 8.0} and budget.ran_out == "student"
+    assert TimeBudget(None).left() is None and not TimeBudget(None).expired()
+    with pytest.raises(ValueError, match=r"seconds > 0 or None \(no limit\), got 0"):
+        TimeBudget(0)
+
+
+class _Student(L.LightningModule):
+    """Enough of a CausalLMModule for the check: ``model``, ``tokenizer``, a training step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.tokenizer = torch.nn.Linear(2, 1), None
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("curve", "lines", "stops_at"),  # curve: the agreement at checks 1, 2, 3 (steps 2, 4, 6 of 8)
+    [([0.1, 0.2, 0.3], [("agreement", 0.8, 1)], 4),  # 0.2 + 0.05/step * 4 steps = 0.4 < 0.8: stopped at the 2nd check
+     ([0.3, 0.6, 0.75], [("agreement", 0.8, 1)], None),  # 0.6 + 0.15 * 4 = 1.2: trained on; 0.75 + 0.075 * 2 = 0.9
+     ([0.3, 0.6, 0.62], [("agreement", 0.8, 1)], 6),  # 1.2 at the 2nd check; 0.62 + 0.01 * 2 = 0.64 < 0.8 at the 3rd
+     ([0.1, 0.2, 0.3], [("agreement", 0.8, 1), ("kl", 0.3, -1)], None)],  # kl 1 - 2a: 0.6 - 0.1 * 4 = 0.2 <= 0.3
+)
+def test_student_check_stops_a_student_whose_projected_score_misses_every_line(curve, lines, stops_at) -> None:
+    seen: list[bool] = []
+
+    def score(model, tokenizer) -> dict:
+        seen.append(model.training)
+        a = curve[len(seen) - 1]
+        return {"agreement": a, "kl": 1.0 - 2 * a}
+
+    check = StudentCheck(score, lines, checks=3)
+    trainer = L.Trainer(max_steps=8, callbacks=[check], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Student())
+    assert [s for s, _ in check.history] == [2, 4, 6][: len(seen)] and seen == [False] * len(seen)  # scored in eval
+    assert trainer.global_step == (stops_at or 8)
+    if stops_at is None:
+        assert check.stopped is None
+    else:
+        assert check.stopped.startswith(f"stopped at step {stops_at} of 8: agreement {curve[stops_at // 2 - 1]:.3f} now")
+
+
+def test_no_synthesis_is_started_that_the_held_out_rate_says_cannot_finish(fleet: Path, tmp_path: Path) -> None:
+    clock = _Clock()
+    cfg = UpgradeConfig(adapters=str(fleet), new="llama-micro-v2", out=str(tmp_path), time_budget=100.0)
+    context = RouteContext(fleet / "team-a" / "lora", read_record(fleet / "team-a" / "lora"), "llama-micro-v1", "lora",
+                           cfg, tmp_path, ModelLoader(), budget=TimeBudget(100.0, clock=clock))
+    held_out = lp.transfer.SyntheticSet({"stats": {"acceptance_rate": 0.5}})
+    held_out.records = [{"input": f"x{i}", "output": "y", "accepted": True} for i in range(4)]
+    context.budget.seconds = {"synthesis": 6.0, "labelling": 2.0}  # 2 s per held-out input
+    clock.now = 20.0  # 80 s left: 40 inputs fit, 41 do not
+    routes_mod._decide_synthesis(context, held_out, 40)
+    with pytest.raises(RouteSkipped, match=r"writing the student's 41 synthetic inputs would take about 82 s \(2.00 s "
+                                           r"each.*more than the 80 s left of time_budget=100; raise time_budget"):
+        routes_mod._decide_synthesis(context, held_out, 41)
+    context.cfg = UpgradeConfig(**{**cfg.__dict__, "synthesis": {"max_proposed": 60}})
+    with pytest.raises(RouteSkipped, match=r"accepted 0.500 of the held-out proposals, so 31 more inputs need about 62 "
+                                           r"proposals, more than max_proposed=60"):
+        routes_mod._decide_synthesis(context, held_out, 31)
+
+
+def test_a_flat_student_is_stopped_and_every_phase_is_timed(fleet: Path, tmp_path: Path, monkeypatch) -> None:
+    """A real Trans-LoRA student under a check that stays at 0.5: stopped at its 2nd check, reported, nothing saved."""
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.5, 0.0, None, 1))
+    given: list[dict] = []
+    real_train = routes_mod.train_student
+    monkeypatch.setattr(routes_mod, "train_student", lambda *a, **k: given.append(a[2].trainer_kwargs) or real_train(*a, **k))
+    quick = {**QUICK, "synthesis": {**QUICK["synthesis"], "warm_steps": 8}}  # the student starts from the old adapter
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"], threshold=0.8,
+                        out=str(tmp_path / "out"), **quick)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == "needs_data" and row["output"] is None
+    assert ("translora: the student cannot pass the check: stopped at step 4 of 8: agreement 0.500 now, 0.500 "
+            "projected at the end < 0.8") in row["reason"]
+    assert set(row["timings"]) == {"synthesis", "labelling", "scoring", "student"} and row["budget_ran_out"] is None
+    assert all(v >= 0 for v in row["timings"].values()) and row["timings"]["student"] > 0
+    assert 0 < given[0]["max_time"]["seconds"] <= 3600  # the budget reaches the student's trainer
+    assert row["retrain_seconds"] == read_record(fleet / "team-a" / "lora").train_seconds > 0
+    md = (tmp_path / "out").glob("*.md")
+    assert not list(md)  # upgrade_fleet itself writes no report (the command does)
+    files = write_report([row], tmp_path / "report")
+    assert f"| {row['retrain_seconds']:.3f} | synthesis " in files["md"].read_text()
+
+
+def test_a_spent_budget_tries_no_route_and_says_where_it_ran_out(fleet: Path, tmp_path: Path) -> None:
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), time_budget=1e-6,
+                        **QUICK)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == "needs_data" and row["budget_ran_out"] == "synthesis" and row["scores"] == {}
+    assert row["reason"] == ("retrain with real data: direct: not tried, the time budget of 1e-06 s ran out during "
+                             "synthesis; translora: not tried, the time budget of 1e-06 s ran out during synthesis")
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_is_named_with_the_fix(fleet: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"adapters='.*nowhere' is not a folder"):
@@ -373,6 +502,10 @@ def test_bad_input_is_named_with_the_fix(fleet: Path, tmp_path: Path) -> None:
         UpgradeConfig(adapters=".", new="x", score="kl")
     with pytest.raises(ValueError, match=r"min_fidelity is a fidelity in \[0, 1\] .*got 1.5; e.g. min_fidelity=0.8"):
         UpgradeConfig(adapters=".", new="x", min_fidelity=1.5)
+    with pytest.raises(ValueError, match=r"time_budget \(per adapter\): .*got -5; set time_budget=3600 or time_budget=null"):
+        UpgradeConfig(adapters=".", new="x", time_budget=-5)
+    with pytest.raises(ValueError, match=r"student_checks must be an integer >= 0 \(0: no checks\), got 1.5"):
+        UpgradeConfig(adapters=".", new="x", student_checks=1.5)
 
 
 def test_conf_upgrade_yaml_mirrors_upgrade_config() -> None:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from lightning_peft._deprecated import deprecated_names
 from lightning_peft.adapter_folder import AdapterFolder
+from lightning_peft.budget import TimeBudget
 from lightning_peft.model_loader import ModelLoader
 from lightning_peft.tasks import get_task
 from lightning_peft.transfer import config as _config
@@ -58,7 +59,8 @@ def fitting_seeds(tokenizer: Any, seeds: list[str], task_name: str, max_new_toke
     )
 
 
-def synthesize(cfg: TransferConfig, console: Console | None = None, models: ModelLoader | None = None) -> SyntheticSet:
+def synthesize(cfg: TransferConfig, console: Console | None = None, models: ModelLoader | None = None,
+               budget: TimeBudget | None = None) -> SyntheticSet:
     """Generate, filter and label ``num_synthetic`` examples (or reuse/continue ``cfg.cache``).
 
     Args:
@@ -66,14 +68,16 @@ def synthesize(cfg: TransferConfig, console: Console | None = None, models: Mode
         console: Where the summary line goes (default: stderr).
         models: Loads the generator, the discriminator and the teacher (default: a fresh
             :class:`~lightning_peft.model_loader.ModelLoader`; the fleet upgrade shares its own).
+        budget: Counts the seconds of proposing and filtering (``synthesis``) and of the teacher's labels
+            (``labelling``); proposing stops once it has run out (then short: :class:`SynthesisShortError`).
 
     Returns:
         The synthetic set; its accepted records carry ``input`` and the teacher's ``output``.
 
     Raises:
         ProvenanceMismatchError: ``cfg.cache`` exists but was made with other settings.
-        SynthesisShortError: fewer than ``num_synthetic`` accepted within ``max_proposed`` proposals
-            (what was found is saved to ``cfg.cache`` first).
+        SynthesisShortError: fewer than ``num_synthetic`` accepted within ``max_proposed`` proposals or the
+            ``budget`` (what was found is saved to ``cfg.cache`` first).
         ValueError: ``num_synthetic`` unset and not recorded with the source adapter.
         FileNotFoundError: ``filter=True`` and the source adapter has no discriminator.
     """
@@ -94,7 +98,7 @@ def synthesize(cfg: TransferConfig, console: Console | None = None, models: Mode
         syn.check_header(header)
     missing = wanted - len(syn.accepted)
     if missing > 0:
-        result = _extend(cfg, syn, seeds, missing, (generator, gen_tok), models)
+        result = _extend(cfg, syn, seeds, missing, (generator, gen_tok), models, budget or TimeBudget())
         console.print(f"Trans-LoRA: kept {len(result.kept)} of {result.proposed} proposals "
                       f"(acceptance {result.acceptance_rate:.2f}); {len(syn.accepted)} synthetic examples")
         if cfg.cache:
@@ -155,8 +159,9 @@ def _header(cfg: TransferConfig, seeds: list[str]) -> dict[str, Any]:
 
 
 def _extend(cfg: TransferConfig, syn: SyntheticSet, seeds: list[str], missing: int, generator: tuple[Any, Any],
-            models: ModelLoader) -> FilterResult:
-    """Propose, filter and label until ``missing`` more are kept (or the budget is spent); adds them to ``syn``."""
+            models: ModelLoader, budget: TimeBudget) -> FilterResult:
+    """Propose, filter and label until ``missing`` more are kept (or ``max_proposed`` or the time ``budget`` is
+    spent); adds them to ``syn``."""
     max_proposed = cfg.max_proposed or 50 * missing
     if cfg.filter:
         judge = models.load(cfg.source_model, _discriminator(cfg))
@@ -164,10 +169,12 @@ def _extend(cfg: TransferConfig, syn: SyntheticSet, seeds: list[str], missing: i
     else:
         margins = lambda batch: torch.ones(len(batch))  # noqa: E731  (unfiltered ablation: accept all)
     proposals = _Proposals(cfg, generator, seeds, Deduplicator(seeds + [r["input"] for r in syn.records]),
-                           cfg.seed + len(syn.records), max_proposed, margins)
-    result = rejection_sample(iter(proposals), proposals.score, missing, max_proposed=max_proposed)
+                           cfg.seed + len(syn.records), max_proposed, margins, budget)
+    with budget.phase("synthesis"):
+        result = rejection_sample(iter(proposals), proposals.score, missing, max_proposed=max_proposed)
     teacher, teacher_tok = models.load(cfg.source_model, cfg.source_adapter)
-    outputs = greedy_completions(teacher, teacher_tok, result.kept, max_new_tokens=cfg.label_max_new_tokens)
+    with budget.phase("labelling"):
+        outputs = greedy_completions(teacher, teacher_tok, result.kept, max_new_tokens=cfg.label_max_new_tokens)
     syn.records += [{"input": x, "output": y, "accepted": True, "score": s}
                     for x, y, s in zip(result.kept, outputs, result.kept_scores)]
     syn.records += [{"input": x, "output": None, "accepted": False, "score": s}
@@ -183,12 +190,14 @@ class _Proposals:
     With ``anchor_format`` the items are anchored to the seeds' opening and ending; when the first
     ``ANCHOR_PROBE_BATCHES`` generate calls of anchored items have none accepted, it goes on with the
     paper's free continuation (``fallback``). Sampling is bounded too (``4 * max_proposed / batch``
-    generate calls): a generator whose completions rarely parse must not loop for ever.
+    generate calls): a generator whose completions rarely parse must not loop for ever; and it stops when the time
+    budget has run out.
     """
 
     def __init__(self, cfg: TransferConfig, generator: tuple[Any, Any], seeds: list[str], dedup: Deduplicator,
-                 seed: int, max_proposed: int, margins: Callable[[list[str]], torch.Tensor]) -> None:
+                 seed: int, max_proposed: int, margins: Callable[[list[str]], torch.Tensor], budget: TimeBudget) -> None:
         self.cfg, self.generator, self.seeds, self.dedup, self.seed = cfg, generator, seeds, dedup, seed
+        self.budget = budget
         self.max_batches = max(4, 4 * max_proposed // cfg.generate_batch_size)
         self.margins = margins
         self.accepted, self.fallback = 0, False
@@ -200,6 +209,14 @@ class _Proposals:
         return margins
 
     def __iter__(self) -> Iterator[list[str]]:
+        batches = self._batches()
+        while not self.budget.expired():  # checked before the next batch is generated
+            batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    def _batches(self) -> Iterator[list[str]]:
         if not self.cfg.anchor_format:
             yield from self._stream(False, self.max_batches)
             return

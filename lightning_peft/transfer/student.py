@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -51,7 +52,8 @@ def warm_start_from(module: L.LightningModule, adapter: str) -> bool:
 
 
 def train_student(cfg: TransferConfig, syn: SyntheticSet, student: StudentConfig | None = None, *legacy_args: Any,
-                  test: bool = True, **legacy: Any) -> tuple[L.LightningModule, dict[str, float]]:
+                  test: bool = True, callbacks: Sequence[L.Callback] = (), **legacy: Any,
+                  ) -> tuple[L.LightningModule, dict[str, float]]:
     """Train an adapter on ``cfg.target_model`` with the synthetic pairs; test on real data.
 
     With ``test=False`` no real data is read at all (the upgrade's data-free route): the metrics
@@ -66,6 +68,7 @@ def train_student(cfg: TransferConfig, syn: SyntheticSet, student: StudentConfig
         syn: The synthetic set (its accepted records are trained on).
         student: The student's method and training settings (default: ``lora`` with its defaults).
         test: Test on the task's real test split afterwards.
+        callbacks: More callbacks for the student's trainer (the upgrade's :class:`~lightning_peft.upgrade.StudentCheck`).
         *legacy_args, **legacy: Deprecated (one release): the former ``method, method_kwargs, module_kwargs,
             trainer_kwargs, data_kwargs, test`` arguments, positional or by name.
 
@@ -89,8 +92,8 @@ def train_student(cfg: TransferConfig, syn: SyntheticSet, student: StudentConfig
     if warm:  # it continues a trained adapter: a gentler schedule than a fresh one's
         module.hparams.lr = cfg.warm_lr or module.hparams.lr
         kw["max_steps"] = cfg.warm_steps or kw.get("max_steps", -1)
-    callbacks = [] if warm else [create_method(student.method or "lora", **student.method_kwargs)]
-    trainer = L.Trainer(callbacks=callbacks, **kw)
+    method = [] if warm else [create_method(student.method or "lora", **student.method_kwargs)]
+    trainer = L.Trainer(callbacks=[*method, *callbacks], **kw)
     trainer.fit(module, data)
     if not test:
         return module, {}

@@ -7,6 +7,7 @@
   old base + old adapter, scale-free and across tokenizers (reported for every candidate; ``score=fidelity`` decides
   on it);
 * :mod:`.routes`: the routes (direct reuse, Trans-LoRA) as a protocol, in one registry: :data:`ROUTES`;
+* :mod:`.student_check`: a Trans-LoRA student scored while it trains, stopped when it cannot pass: :class:`StudentCheck`;
 * :mod:`.fleet`: trying the routes per adapter, "needs data", resume, shards: :func:`upgrade_fleet`;
 * :mod:`.report`: ``upgrade_report.{json,csv,md,png}`` and the W&B table, merged across shards.
 """
@@ -19,6 +20,7 @@ from lightning_peft.upgrade.fidelity import Fidelity, fidelity
 from lightning_peft.upgrade.fleet import find_adapters, upgrade_adapter, upgrade_fleet
 from lightning_peft.upgrade.record import AdapterRecord, UpgradeRecord, read_record, set_record
 from lightning_peft.upgrade.routes import ROUTES, Candidate, Route, RouteContext, RouteSkipped, register_route
+from lightning_peft.upgrade.student_check import StudentCheck
 
 __all__ = [
     "ROUTES",
@@ -29,6 +31,7 @@ __all__ = [
     "Route",
     "RouteContext",
     "RouteSkipped",
+    "StudentCheck",
     "UpgradeConfig",
     "UpgradeRecord",
     "agreement",

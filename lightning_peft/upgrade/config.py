@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
+from lightning_peft.budget import TimeBudget
 from lightning_peft.transfer import StudentConfig
 from lightning_peft.upgrade.routes import ROUTES
 
@@ -47,6 +48,11 @@ class UpgradeConfig:
         student: Trans-LoRA student (:class:`~lightning_peft.transfer.StudentConfig` fields): ``method``
             (default: the adapter's own), ``method_kwargs``, ``module_kwargs``, ``trainer_kwargs``, ``data_kwargs``.
         max_new_tokens: Greedy budget of the agreement check.
+        time_budget: Seconds one adapter's upgrade may take (``None``: no limit). The synthesis stops proposing and
+            the student's trainer stops (``max_time``) when it runs out; a route that would need more than is left
+            (projected from the held-out inputs' seconds each) is not started. Reported when it runs out.
+        student_checks: Times a Trans-LoRA student is scored while it trains (:class:`~.student_check.StudentCheck`):
+            it is stopped once its projected final score misses every pass line (0: never checked, trained to the end).
         keep_candidates: Also save every scored candidate, taken or not, to ``<out>/<name>/candidates/<route>``
             (to inspect a rejected one, or to calibrate ``threshold`` against real test data).
         redo_changed: Redo adapters upgraded into ``out`` before with other settings (default: refuse,
@@ -71,6 +77,8 @@ class UpgradeConfig:
     synthesis: dict[str, Any] = field(default_factory=dict)
     student: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 64
+    time_budget: float | None = 3600.0
+    student_checks: int = 3
     keep_candidates: bool = False
     redo_changed: bool = False
     shard: int | None = None
@@ -95,6 +103,13 @@ class UpgradeConfig:
         if self.shard is not None and not (isinstance(self.num_shards, int) and 0 <= self.shard < self.num_shards):
             raise ValueError(f"upgrade shard must be in [0, num_shards), got shard={self.shard!r} num_shards="
                              f"{self.num_shards!r}; e.g. `-m shard=0,1,2,3 num_shards=4`")
+        try:
+            TimeBudget(self.time_budget)
+        except ValueError as exc:
+            raise ValueError(f"upgrade time_budget (per adapter): {exc}; set time_budget=3600 or time_budget=null") from None
+        if isinstance(self.student_checks, bool) or not isinstance(self.student_checks, int) or self.student_checks < 0:
+            raise ValueError(f"upgrade student_checks must be an integer >= 0 (0: no checks), got "
+                             f"{self.student_checks!r}; e.g. student_checks=3")
         for name in ("num_holdout", "max_synthetic"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"upgrade {name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -22,7 +22,9 @@ the record carried on); the fleet gets ``upgrade_report.{json,csv,md,png}``. A r
 finished with the same settings and refuses changed settings naming the keys (``redo_changed=true``
 redoes them, :mod:`lightning_peft.resume`); a failing adapter is reported and the others go on.
 ``shard``/``num_shards`` split the fleet across jobs (Hydra multirun). The routes are objects in one
-registry (:mod:`.routes`).
+registry (:mod:`.routes`). Each adapter has ``time_budget`` seconds (:class:`~lightning_peft.budget.TimeBudget`):
+the routes are tried cheapest first and the Trans-LoRA route spends only where its held-out inputs and its
+student's checks (:mod:`.student_check`) say it can finish and pass; the row reports the seconds per phase.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 
 from lightning_peft.adapter_folder import AdapterFolder, AdapterRecord
 from lightning_peft.adapter_io import save_adapter
+from lightning_peft.budget import TimeBudget
 from lightning_peft.model_loader import ModelLoader
 from lightning_peft.registry import spec_for_peft_type
 from lightning_peft.resume import FinishedFile
@@ -48,6 +51,7 @@ from lightning_peft.upgrade.agreement import agreement
 from lightning_peft.upgrade.config import UpgradeConfig
 from lightning_peft.upgrade.fidelity import fidelity
 from lightning_peft.upgrade.routes import ROUTES, Candidate, RouteContext, RouteSkipped
+from lightning_peft.upgrade.student_check import PassLine, passes
 
 __all__ = ["NoSeedsError", "find_adapters", "upgrade_adapter", "upgrade_fleet"]
 
@@ -159,58 +163,79 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
     old = old_base(folder, record, config, cfg)
     spec = spec_for_peft_type(config.peft_type)
     method = spec.name if spec else str(getattr(config.peft_type, "value", config.peft_type)).lower()
-    context = RouteContext(folder, record, old, method, cfg, target, models)
+    budget = TimeBudget(cfg.time_budget)
+    context = RouteContext(folder, record, old, method, cfg, target, models, budget=budget, lines=pass_lines(cfg))
     reference, ref_tok = models.load(old, folder, other_base=True)
     inputs, ref_outputs, context.synthetic = _check_inputs(context, reference, ref_tok)
+
+    def check(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+        with budget.phase("scoring"):
+            return _score(reference, ref_tok, model, tokenizer, inputs, ref_outputs, cfg)
+
+    context.check = check
     scores: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
+    spent = {"method": method, "old": old, "new": cfg.new, "retrain_seconds": record.train_seconds}
     for route in cfg.routes:
+        if budget.expired():
+            reasons.append(f"{route}: not tried, the time budget of {budget.limit:g} s ran out during {budget.ran_out}")
+            continue
         try:
             candidate = ROUTES[route].propose(context)
         except RouteSkipped as exc:
             reasons.append(f"{route}: {exc}")
             continue
-        scores[route] = score = _score(reference, ref_tok, candidate, inputs, ref_outputs, cfg)
+        scores[route] = score = check(candidate.model, candidate.tokenizer)
         if cfg.keep_candidates:
             _save(candidate, target / "candidates" / route, route, score, context)
-        failed = _fails(score, cfg)
+        failed = _fails(score, context.lines)
         if failed is None:
             output = _save(candidate, target / "adapter", route, score, context)
             return {"route": route, "agreement": score["agreement"], "fidelity": score["fidelity"], "scores": scores,
-                    "method": method, "old": old, "new": cfg.new, "output": str(output), "reason": None}
+                    **spent, "output": str(output), "reason": None, **_timings(budget)}
         reasons.append(f"{route}: {failed}")
     best = {key: max((s[key] for s in scores.values() if s[key] is not None), default=None)
             for key in ("agreement", "fidelity")}
-    return {"route": "needs_data", **best, "scores": scores, "method": method, "old": old, "new": cfg.new,
-            "output": None, "reason": "retrain with real data: " + "; ".join(reasons)}
+    return {"route": "needs_data", **best, "scores": scores, **spent, "output": None,
+            "reason": "retrain with real data: " + "; ".join(reasons), **_timings(budget)}
 
 
-def _score(reference: nn.Module, ref_tok: Any, candidate: Candidate, inputs: list[str], ref_outputs: list[str],
-           cfg: UpgradeConfig) -> dict[str, Any]:
+def _timings(budget: TimeBudget) -> dict[str, Any]:
+    """What a report row says of the time spent: seconds per phase, and the phase the budget ran out in (if it did)."""
+    return {"timings": budget.summary(), "budget_ran_out": budget.ran_out}
+
+
+def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],
+           ref_outputs: list[str], cfg: UpgradeConfig) -> dict[str, Any]:
     """Every score of one candidate: the agreement check's (:mod:`.agreement`) and the fidelity (:mod:`.fidelity`),
     on the same inputs and the same reference completions."""
-    scored = agreement(reference, ref_tok, candidate.model, candidate.tokenizer, inputs, reference_outputs=ref_outputs,
+    scored = agreement(reference, ref_tok, model, tokenizer, inputs, reference_outputs=ref_outputs,
                        max_new_tokens=cfg.max_new_tokens)
-    kept = fidelity(reference, ref_tok, candidate.model, candidate.tokenizer, inputs, ref_outputs)
+    kept = fidelity(reference, ref_tok, model, tokenizer, inputs, ref_outputs)
     return {**scored.to_dict(), **kept.to_dict()}
 
 
-def _fails(score: dict[str, Any], cfg: UpgradeConfig) -> str | None:
-    """Why a scored candidate is not taken (``None``: it is): ``cfg.score`` below its threshold and no ``max_kl`` pass."""
-    kl = score["kl"]
-    if cfg.max_kl is not None and kl is not None and kl <= cfg.max_kl:
+_SETTING = {"agreement": "threshold", "fidelity": "min_fidelity", "kl": "max_kl"}
+
+
+def pass_lines(cfg: UpgradeConfig) -> list[PassLine]:
+    """What a candidate must reach to be taken (any one of them): ``cfg.score`` at its threshold (``threshold`` or
+    ``min_fidelity``), or a KL of at most ``max_kl`` when set."""
+    lines: list[PassLine] = [(cfg.score, getattr(cfg, _SETTING[cfg.score]), 1)]
+    return lines + ([("kl", cfg.max_kl, -1)] if cfg.max_kl is not None else [])
+
+
+def _fails(score: dict[str, Any], lines: list[PassLine]) -> str | None:
+    """Why a scored candidate is not taken (``None``: it reaches one of the pass ``lines``)."""
+    if any(passes(score, line) for line in lines):
         return None
-    if cfg.score == "fidelity":
-        value = score["fidelity"]
-        if value is not None and value >= cfg.min_fidelity:
-            return None
-        why = (f"fidelity {value:.3f} < min_fidelity {cfg.min_fidelity}" if value is not None
-               else f"fidelity undefined ({score.get('fidelity_note')})")
-    else:
-        if score["agreement"] >= cfg.threshold:
-            return None
-        why = f"agreement {score['agreement']:.3f} < threshold {cfg.threshold}"
-    return why + (f", kl {kl:.3f} > max_kl {cfg.max_kl}" if cfg.max_kl is not None and kl is not None else "")
+    why = []
+    for key, target, sign in lines:
+        if score.get(key) is not None:
+            why.append(f"{key} {score[key]:.3f} {'<' if sign > 0 else '>'} {_SETTING[key]} {target}")
+        elif key != "kl":  # no KL across vocabularies: nothing to say
+            why.append(f"{key} undefined ({score.get(key + '_note')})")
+    return ", ".join(why)
 
 
 def _check_inputs(context: RouteContext, reference: nn.Module, ref_tok: Any) -> tuple[list[str], list[str], Any]:
@@ -223,7 +248,8 @@ def _check_inputs(context: RouteContext, reference: nn.Module, ref_tok: Any) -> 
         )
     synthetic = context.synthesize(cfg.num_holdout)  # short of budget: the check runs on the seeds and what was kept
     holdout = synthetic.accepted[: cfg.num_holdout]
-    seed_out = greedy_completions(reference, ref_tok, record.seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
+    with context.budget.phase("scoring"):
+        seed_out = greedy_completions(reference, ref_tok, record.seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
     inputs = list(record.seeds) + [r["input"] for r in holdout]
     return inputs, seed_out + [r["output"] for r in holdout], synthetic
 

@@ -18,6 +18,7 @@ route. Plain peft loads the folder as before: it reads only its own two files.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any
 
@@ -38,7 +39,7 @@ class UpgradeRecord(L.Callback):
     ``save_adapter(module, path, record=recorder.record)`` writes it (``lightning-peft train`` adds the
     callback by default, ``callbacks.upgrade_record.num_seeds``, and passes the record). At the end of
     ``fit`` it reads the datamodule (a ``lightning_peft.tasks`` datamodule: its ``task_name``, training
-    prompts and ``max_length``); a ``TransLoRADiscriminator`` records its folder beside it
+    prompts and ``max_length``) and how long ``fit`` took; a ``TransLoRADiscriminator`` records its folder beside it
     (:meth:`AdapterRecord.from_callbacks` merges both). ``num_seeds=0`` records the task but no inputs
     (private data).
 
@@ -58,6 +59,11 @@ class UpgradeRecord(L.Callback):
             raise ValueError(f"UpgradeRecord num_seeds must be an integer >= 0, got {num_seeds!r}; e.g. 5 (0: no inputs)")
         self.num_seeds, self.task_name = num_seeds, task_name
         self.record: AdapterRecord | None = None
+        self._fit_start: float | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     @override
     @rank_zero_only
@@ -67,12 +73,14 @@ class UpgradeRecord(L.Callback):
         dm = trainer.datamodule
         hparams = getattr(pl_module, "hparams", {}) or {}
         base = hparams.get("model") if isinstance(hparams.get("model"), str) else None
+        seconds = None if self._fit_start is None else round(time.perf_counter() - self._fit_start, 1)
         if not isinstance(dm, PromptCompletionDataModule):
-            self.record = AdapterRecord(task=self.task_name, base=base)
+            self.record = AdapterRecord(task=self.task_name, base=base, train_seconds=seconds)
             return
         train = dm.get_examples()["train"]
         self.record = AdapterRecord(task=self.task_name or dm.task_name, seeds=[e.prompt for e in train[: self.num_seeds]],
-                                    train_size=len(train), task_kwargs={"max_length": dm.max_length}, base=base)
+                                    train_size=len(train), task_kwargs={"max_length": dm.max_length}, base=base,
+                                    train_seconds=seconds)
 
 
 def read_record(folder: str | os.PathLike[str]) -> AdapterRecord:

@@ -1,7 +1,8 @@
 """The fleet report: ``upgrade_report.{json,csv,md,png}``, the W&B table, and merging the shards of one fleet.
 
 ``upgrade_report.json`` is a list of ``{adapter, route, agreement, fidelity, seconds, output, ...}`` rows,
-one per adapter: ``agreement`` and ``fidelity`` are the taken candidate's (else the best of the scored
+one per adapter (with ``retrain_seconds``, what its own training took, and ``timings``, the seconds spent on
+synthesis, labelling, student and scoring): ``agreement`` and ``fidelity`` are the taken candidate's (else the best of the scored
 ones), and ``scores`` holds every scored candidate's scores by route (agreement, exact, kl; fidelity,
 its basis, both of its forms and the per-byte log-likelihoods behind them:
 :class:`~lightning_peft.upgrade.fidelity.Fidelity`). ``lightning-peft upgrade-report DIR`` merges
@@ -22,13 +23,16 @@ from lightning_peft.atomic import atomic_write_text
 __all__ = ["REPORT", "COLUMNS", "log_report", "merge_reports", "write_report"]
 
 REPORT = "upgrade_report"
-COLUMNS = ("adapter", "route", "agreement", "fidelity", "seconds", "output", "method", "old", "new", "reason")
+COLUMNS = ("adapter", "route", "agreement", "fidelity", "seconds", "output", "method", "old", "new", "reason",
+           "retrain_seconds", "timings", "budget_ran_out")
 _COLOURS = {"direct": "tab:green", "translora": "tab:blue", "needs_data": "tab:orange", "failed": "tab:red"}
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, dict):  # seconds per phase
+        return " ".join(f"{k} {v:g}" for k, v in value.items())
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
@@ -36,12 +40,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The report as a markdown table, with the count of each route."""
     counts = Counter(r["route"] for r in rows)
     lines = [f"# Fleet upgrade: {len(rows)} adapters (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")",
-             "", "| adapter | route | agreement | fidelity | seconds | method | old -> new | output / reason |",
-             "|" + "---|" * 8]
+             "", "| adapter | route | agreement | fidelity | seconds | retrain seconds | seconds spent on | method | "
+             "old -> new | output / reason |", "|" + "---|" * 10]
     for r in rows:
         detail = r.get("output") or (r.get("reason") or "").replace("|", "/")
+        spent = _cell(r.get("timings")) + (f" (budget ran out in {r['budget_ran_out']})" if r.get("budget_ran_out") else "")
         lines.append(f"| {r['adapter']} | {r['route']} | {_cell(r.get('agreement'))} | {_cell(r.get('fidelity'))} | "
-                     f"{_cell(r.get('seconds'))} | "
+                     f"{_cell(r.get('seconds'))} | {_cell(r.get('retrain_seconds'))} | {spent} | "
                      f"{r.get('method') or ''} | {r.get('old') or ''} -> {r.get('new') or ''} | {detail} |")
     return "\n".join(lines) + "\n"
 
@@ -82,7 +87,7 @@ def write_report(rows: list[dict[str, Any]], folder: str | Path, threshold: floa
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, "timings": _cell(r.get("timings"))} for r in rows)
     atomic_write_text(files["csv"], buffer.getvalue())
     atomic_write_text(files["md"], markdown(rows))
     plot(rows, files["png"], threshold, score)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from lightning_peft.adapter_folder import AdapterRecord
 from lightning_peft.adapter_io import AdapterFormatError
+from lightning_peft.budget import TimeBudget
 from lightning_peft.model_loader import ModelLoader
 from lightning_peft.transfer import (
     StudentConfig,
@@ -35,6 +37,7 @@ from lightning_peft.transfer import (
     synthesize,
     train_student,
 )
+from lightning_peft.upgrade.student_check import PassLine, StudentCheck
 
 if TYPE_CHECKING:
     from lightning_peft.upgrade.config import UpgradeConfig
@@ -82,6 +85,9 @@ class RouteContext:
         models: The fleet's model loader (keeps the old and the new base).
         synthetic: The check's synthetic set (its first ``num_holdout`` accepted inputs are held out);
             ``None`` when the check made none.
+        budget: This adapter's time budget and seconds per phase (``cfg.time_budget``).
+        check: Scores a model on the check's inputs (``check(model, tokenizer) -> scores``), set by the fleet.
+        lines: The pass lines of ``cfg`` (:data:`~.student_check.PassLine`).
     """
 
     folder: Path
@@ -92,6 +98,9 @@ class RouteContext:
     target: Path
     models: ModelLoader
     synthetic: SyntheticSet | None = None
+    budget: TimeBudget = field(default_factory=TimeBudget)
+    check: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+    lines: list[PassLine] = field(default_factory=list)
 
     def transfer_config(self, count: int) -> TransferConfig:
         """The Trans-LoRA settings of this adapter's first ``count`` synthetic examples."""
@@ -107,7 +116,7 @@ class RouteContext:
         """The first ``count`` synthetic examples (cached in ``target``: a larger count continues the set); when the
         generator runs out of budget first, what it kept (logged)."""
         try:
-            return synthesize(self.transfer_config(count), models=self.models)
+            return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
         except SynthesisShortError as exc:  # the check judges what was kept, on the seeds at least
             synthetic = SyntheticSet.load(self.target / SYNTHETIC_FILE)
             log.warning("upgrade: %s: %s; going on with the %d kept", self.target.name, exc, len(synthetic.accepted))
@@ -145,7 +154,10 @@ class TransLoRARoute:
     """A Trans-LoRA student on the new base, trained on synthetic inputs labelled by the old base + adapter.
 
     The first ``num_holdout`` synthetic inputs are the check's held-out ones and stay unseen; the student
-    trains on the next ``num_synthetic`` (default: the adapter's training-set size, capped).
+    trains on the next ``num_synthetic`` (default: the adapter's training-set size, capped). It decides before
+    spending: no synthesis that the held-out inputs' rate (seconds and acceptance per input) says cannot finish
+    within the time budget or ``max_proposed``; the student is checked while it trains (:class:`StudentCheck`) and
+    its trainer stops when the budget runs out.
     """
 
     name = "translora"
@@ -160,15 +172,52 @@ class TransLoRARoute:
                 f"ones ({stats.get('proposed', 0)} proposals), too few to train a student on; raise "
                 "synthesis.max_proposed or set synthesis.generator to a model that follows the seeds")
         count = cfg.num_holdout + (cfg.num_synthetic or min(record.train_size or cfg.max_synthetic, cfg.max_synthetic))
+        _decide_synthesis(context, held_out, count - len(held_out.accepted))
         syn = context.synthesize(count)
+        budget = context.budget
+        if budget.expired():
+            raise RouteSkipped(f"the time budget of {budget.limit:g} s ran out during {budget.ran_out} with "
+                               f"{len(syn.accepted) - cfg.num_holdout} of the student's {count - cfg.num_holdout} inputs "
+                               "written; raise time_budget or lower num_synthetic")
         train = copy.copy(syn)
         train.records = syn.accepted[cfg.num_holdout :]  # the held-out inputs stay unseen
         if not train.records:
             raise RouteSkipped("the generator wrote no usable input beyond the held-out ones; raise synthesis.max_proposed")
         student = StudentConfig.from_dict(cfg.student)
         student.method = student.method or context.method
-        module, _ = train_student(context.transfer_config(count), train, student, test=False)
+        if budget.limit is not None:
+            student = student.with_trainer_kwargs(max_time={"seconds": budget.left()})
+        checks = [StudentCheck(context.check, context.lines, cfg.student_checks)] if (
+            context.check is not None and cfg.student_checks and context.lines) else []
+        with budget.phase("student"):
+            module, _ = train_student(context.transfer_config(count), train, student, test=False, callbacks=checks)
+            budget.expired()  # a student stopped by the budget is still scored; the report names the phase
+        if checks and checks[0].stopped:
+            raise RouteSkipped(f"the student cannot pass the check: {checks[0].stopped}; more student steps or "
+                               "synthetic inputs may help (student.trainer_kwargs.max_steps, num_synthetic), or "
+                               "student_checks=0 trains it to the end")
         return Candidate(module.model.eval(), module.tokenizer, module)  # the adapter lives on the LightningModule
+
+
+def _decide_synthesis(context: RouteContext, held_out: SyntheticSet, missing: int) -> None:
+    """Raise :class:`RouteSkipped` when writing ``missing`` more inputs cannot finish, judged by the held-out ones:
+    their seconds each (generation, filter and labels, when they were written in this run) against the time
+    left, their acceptance against ``max_proposed``."""
+    if missing <= 0:
+        return
+    budget, synthesis = context.budget, context.cfg.synthesis
+    spent = budget.seconds.get("synthesis", 0.0) + budget.seconds.get("labelling", 0.0)
+    each, left = spent / max(1, len(held_out.accepted)), budget.left()
+    if left is not None and each * missing > left:
+        raise RouteSkipped(f"writing the student's {missing} synthetic inputs would take about {each * missing:.0f} s "
+                           f"({each:.2f} s each, as the held-out ones took), more than the {left:.0f} s left of "
+                           f"time_budget={budget.limit:g}; raise time_budget or lower num_synthetic")
+    acceptance = (held_out.header.get("stats") or {}).get("acceptance_rate")
+    max_proposed = synthesis.get("max_proposed") or 50 * missing
+    if acceptance and missing / acceptance > max_proposed:
+        raise RouteSkipped(f"the filter accepted {acceptance:.3f} of the held-out proposals, so {missing} more inputs "
+                           f"need about {missing / acceptance:.0f} proposals, more than max_proposed={max_proposed}; "
+                           "raise synthesis.max_proposed or set synthesis.generator to a model that follows the seeds")
 
 
 ROUTES: dict[str, Route] = {}
