@@ -196,6 +196,17 @@ def test_long_prompts_are_cut_from_the_left_never_the_completion(tok) -> None:
         tokenize_examples([ex], tok, max_length=8)
 
 
+def test_drop_leaves_out_only_examples_whose_completion_cannot_fit(tok, caplog) -> None:
+    """A synthetic label that ran away (the upgrade's student data): left out and logged, the rest kept as with "left"."""
+    short = Example("word " * 80 + "Answer:", " 3", "3")
+    runaway = Example("Q:", " again" * 60, "again")
+    kept = tokenize_examples([short, runaway, short], tok, max_length=40, truncation="drop")
+    assert kept == tokenize_examples([short, short], tok, max_length=40)  # as "left" does with the fitting ones
+    assert "train: left out 1 of 3 examples whose completion alone exceeds max_length=40 tokens" in caplog.text
+    with pytest.raises(ValueError, match="raise max_length to at least"):  # none fits: nothing to train on
+        tokenize_examples([runaway, runaway], tok, max_length=40, truncation="drop")
+
+
 @pytest.mark.parametrize("name", [*SYNTHETIC, "hf_dataset"])
 def test_extract_answer_of_the_reference_completion_is_the_answer(name: str, tok, tmp_path: Path) -> None:
     dm = _hf_task(tok, tmp_path) if name == "hf_dataset" else get_task(name, tokenizer=tok, **SMALL)
@@ -348,7 +359,7 @@ def test_get_task_unknown_name_lists_the_closest_first() -> None:
         ({"max_length": 2}, r"max_length must be an integer >= 4, got 2"),
         ({"num_val": -1}, r"num_val must be an integer >= 0, got -1; use 0 to skip validation"),
         ({"world_version": "v3"}, r"world_version must be 'v1' or 'v2', got 'v3'"),
-        ({"truncation": "right"}, r"truncation must be 'left' or 'error', got 'right'"),
+        ({"truncation": "right"}, r"truncation must be one of \['left', 'error', 'drop'\], got 'right'"),
         ({"num_train": None}, r"num_train must be a number for the generated task 'sql'"),
     ],
 )

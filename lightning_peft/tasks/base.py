@@ -15,7 +15,7 @@ Batches (dicts; ``B`` examples, ``T`` longest full sequence, ``P`` longest promp
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import lightning as L
 import torch
@@ -75,7 +75,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
         world_seed: Synthetic tasks: seed of the world (the zoo's models use 0).
         world_scale: Synthetic tasks: world scale (the zoo's models use 1).
         truncation: ``"left"``: drop the start of an over-long prompt (never the
-            completion); ``"error"``: raise on an over-long example.
+            completion); ``"error"``: raise on an over-long example; ``"drop"``: as ``"left"``, and an example whose
+            completion alone does not fit is left out (logged).
 
     Raises:
         ValueError: A size, seed or option is out of range (the message names the fix).
@@ -117,8 +118,9 @@ class PromptCompletionDataModule(L.LightningDataModule):
         _check_int("world_seed", world_seed, 0, "use 0, the seed the zoo's models were trained on")
         if world_version not in ("v1", "v2"):
             raise ValueError(f"world_version must be 'v1' or 'v2', got {world_version!r}; pick the zoo model's version")
-        if truncation not in ("left", "error"):
-            raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}; 'left' drops the prompt's start")
+        if truncation not in get_args(Truncation):
+            raise ValueError(f"truncation must be one of {list(get_args(Truncation))}, got {truncation!r}; 'left' drops the "
+                             "prompt's start")
         # `tokenizer` stays out of hparams: Lightning merges module and datamodule hparams for
         # the loggers and refuses keys that both have with different values (CausalLMModule
         # has its own `tokenizer` argument, None by default).

@@ -8,6 +8,7 @@ a model is given at generation time is exactly the prompt it was trained behind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,8 +17,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
-Truncation = Literal["left", "error"]
+Truncation = Literal["left", "error", "drop"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,17 @@ def tokenize_examples(
         tokenizer: Any Hugging Face tokenizer with an eos token.
         max_length: Most tokens of one full sequence (prefix, prompt, completion and eos).
         truncation: ``"left"`` drops the prompt's first tokens (after the prefix) until the
-            sequence fits; ``"error"`` raises instead. The completion is never truncated.
+            sequence fits; ``"error"`` raises instead; ``"drop"`` is ``"left"`` that also leaves out (logged) an
+            example whose completion alone does not fit (a teacher's run-away synthetic label) instead of raising.
+            The completion is never truncated.
         split: Split name, for error messages.
 
     Returns:
-        One `TokenizedExample` per example, in order.
+        One `TokenizedExample` per example, in order (those left out by ``"drop"`` aside).
 
     Raises:
-        ValueError: The tokenizer has no eos token, a completion alone does not fit, or an
-            example is too long and ``truncation="error"``.
+        ValueError: The tokenizer has no eos token, a completion alone does not fit (with ``"drop"``: none
+            fits), or an example is too long and ``truncation="error"``.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -97,8 +102,12 @@ def tokenize_examples(
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
     completions = tokenizer([e.completion for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
     out: list[TokenizedExample] = []
+    dropped = 0
     for i, (ex, p, c) in enumerate(zip(examples, prompts, completions)):
         budget = max_length - len(prefix) - len(c) - 1  # room left for the prompt
+        if budget < 1 and truncation == "drop" and dropped + 1 < len(examples):
+            dropped += 1
+            continue
         if budget < 1:
             need = len(prefix) + len(c) + 2
             raise ValueError(
@@ -115,6 +124,9 @@ def tokenize_examples(
                 )
             p = p[len(p) - budget :]
         out.append(TokenizedExample(tuple(prefix + p + c + [eos]), len(prefix) + len(p), ex.answer))
+    if dropped:
+        log.warning("%s: left out %d of %d examples whose completion alone exceeds max_length=%d tokens",
+                    split, dropped, len(examples), max_length)
     return out
 
 

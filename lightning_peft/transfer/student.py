@@ -114,9 +114,10 @@ def _legacy_student(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
 
 def _student_data(cfg: TransferConfig, train: list[Example], student: StudentConfig, test: bool) -> ExamplesDataModule:
     """The synthetic pairs to train on, and (``test``) the task's real test split scored by the task's own rule."""
-    if not test:
+    if not test:  # a teacher's label can run away (and grow under another tokenizer): such examples are left out
         length = cfg.task_kwargs.get("max_length", 128)
-        return ExamplesDataModule(cfg.target_model, train, **{"max_length": length, **student.data_kwargs})
+        return ExamplesDataModule(cfg.target_model, train, **{"max_length": length, "truncation": "drop",
+                                                              **student.data_kwargs})
     task = get_task(cfg.task, tokenizer=cfg.target_model, **cfg.task_kwargs)
     data = ExamplesDataModule(cfg.target_model, train, test=task.get_examples()["test"],
                               **{"max_length": task.max_length, **student.data_kwargs})
