@@ -27,10 +27,10 @@ def _modules() -> dict[str, Path]:
 # imports under `if TYPE_CHECKING:` do not (they never run).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation: files, tensors, settings", (
-        "lightning_peft._deprecated", "lightning_peft.adapter_folder", "lightning_peft.atomic", "lightning_peft.config",
-        "lightning_peft.data", "lightning_peft.deltas", "lightning_peft.ffn_sites", "lightning_peft.kernels",
-        "lightning_peft.metrics", "lightning_peft.optim", "lightning_peft.resume", "lightning_peft.targeting",
-        "lightning_peft.wheels", "lightning_peft.zoo")),
+        "lightning_peft._deprecated", "lightning_peft.adapter_folder", "lightning_peft.atomic", "lightning_peft.budget",
+        "lightning_peft.config", "lightning_peft.data", "lightning_peft.deltas", "lightning_peft.ffn_sites",
+        "lightning_peft.kernels", "lightning_peft.metrics", "lightning_peft.optim", "lightning_peft.resume",
+        "lightning_peft.targeting", "lightning_peft.wheels", "lightning_peft.zoo")),
     ("adapter core: registry, callback, checkpoints, folders, bank", (
         "lightning_peft.adapter_io", "lightning_peft.bank", "lightning_peft.callback", "lightning_peft.checkpointing",
         "lightning_peft.fingerprint", "lightning_peft.mixed_batch", "lightning_peft.registry")),
