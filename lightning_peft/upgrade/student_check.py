@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-__all__ = ["PassLine", "StudentCheck"]
+__all__ = ["PassLine", "StudentCheck", "passes"]
 
 PassLine = tuple[str, float, int]
 """``(score key, target, sign)``: passed when ``sign * (score[key] - target) >= 0`` (sign +1: at least, -1: at most)."""
 
 
 def passes(score: dict[str, Any], line: PassLine) -> bool:
+    """Whether ``score`` reaches ``line`` (an undefined score does not)."""
     key, target, sign = line
     return score.get(key) is not None and sign * (score[key] - target) >= 0
 
