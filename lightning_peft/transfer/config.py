@@ -93,6 +93,10 @@ class TransferConfig:
     warm_steps: int | None = 100
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def proposal_limit(self, wanted: int) -> int:
+        """Most proposals scored to keep ``wanted`` more examples: ``max_proposed``, by default ``50 * wanted``."""
+        return self.max_proposed or 50 * wanted
+
 
 @dataclass
 class StudentConfig:

@@ -162,7 +162,7 @@ def _extend(cfg: TransferConfig, syn: SyntheticSet, seeds: list[str], missing: i
             models: ModelLoader, budget: TimeBudget) -> FilterResult:
     """Propose, filter and label until ``missing`` more are kept (or ``max_proposed`` or the time ``budget`` is
     spent); adds them to ``syn``."""
-    max_proposed = cfg.max_proposed or 50 * missing
+    max_proposed = cfg.proposal_limit(missing)
     if cfg.filter:
         judge = models.load(cfg.source_model, _discriminator(cfg))
         margins: Callable[[list[str]], torch.Tensor] = lambda batch: completion_margins(*judge, batch, cfg.task)  # noqa: E731

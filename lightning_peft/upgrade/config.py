@@ -9,11 +9,13 @@ from typing import Any, Literal, get_args
 from lightning_peft.budget import TimeBudget
 from lightning_peft.transfer import StudentConfig
 from lightning_peft.upgrade.routes import ROUTES
+from lightning_peft.upgrade.student_check import PassLine
 
-__all__ = ["SCORES", "UpgradeConfig"]
+__all__ = ["SCORES", "SETTING_OF", "UpgradeConfig"]
 
 Score = Literal["agreement", "fidelity"]
 SCORES: tuple[str, ...] = get_args(Score)  # what `score` may name: the deciding score of a route
+SETTING_OF = {"agreement": "threshold", "fidelity": "min_fidelity", "kl": "max_kl"}  # the setting of each score's line
 
 
 @dataclass
@@ -114,6 +116,12 @@ class UpgradeConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"upgrade {name} must be an integer >= 1, got {getattr(self, name)!r}")
         StudentConfig.from_dict(self.student)  # unknown student settings fail here, naming the known ones
+
+    def pass_lines(self) -> list[PassLine]:
+        """What a candidate must reach to be taken (any one of them): ``score`` at its threshold (``threshold`` or
+        ``min_fidelity``), or a KL of at most ``max_kl`` when set."""
+        lines: list[PassLine] = [(self.score, getattr(self, SETTING_OF[self.score]), 1)]
+        return lines + ([("kl", self.max_kl, -1)] if self.max_kl is not None else [])
 
     def settings(self) -> dict[str, Any]:
         """What determines an adapter's upgrade (a finished one is reused only when these agree)."""

@@ -48,7 +48,7 @@ from lightning_peft.registry import spec_for_peft_type
 from lightning_peft.resume import FinishedFile
 from lightning_peft.transfer.models import greedy_completions
 from lightning_peft.upgrade.agreement import agreement
-from lightning_peft.upgrade.config import UpgradeConfig
+from lightning_peft.upgrade.config import SETTING_OF, UpgradeConfig
 from lightning_peft.upgrade.fidelity import fidelity
 from lightning_peft.upgrade.routes import ROUTES, Candidate, RouteContext, RouteSkipped
 from lightning_peft.upgrade.student_check import PassLine, passes
@@ -164,7 +164,7 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
     spec = spec_for_peft_type(config.peft_type)
     method = spec.name if spec else str(getattr(config.peft_type, "value", config.peft_type)).lower()
     budget = TimeBudget(cfg.time_budget)
-    context = RouteContext(folder, record, old, method, cfg, target, models, budget=budget, lines=pass_lines(cfg))
+    context = RouteContext(folder, record, old, method, cfg, target, models, budget=budget)
     reference, ref_tok = models.load(old, folder, other_base=True)
     inputs, ref_outputs, context.synthetic = _check_inputs(context, reference, ref_tok)
 
@@ -188,7 +188,7 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
         scores[route] = score = check(candidate.model, candidate.tokenizer)
         if cfg.keep_candidates:
             _save(candidate, target / "candidates" / route, route, score, context)
-        failed = _fails(score, context.lines)
+        failed = _fails(score, cfg.pass_lines())
         if failed is None:
             output = _save(candidate, target / "adapter", route, score, context)
             return {"route": route, "agreement": score["agreement"], "fidelity": score["fidelity"], "scores": scores,
@@ -215,16 +215,6 @@ def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any,
     return {**scored.to_dict(), **kept.to_dict()}
 
 
-_SETTING = {"agreement": "threshold", "fidelity": "min_fidelity", "kl": "max_kl"}
-
-
-def pass_lines(cfg: UpgradeConfig) -> list[PassLine]:
-    """What a candidate must reach to be taken (any one of them): ``cfg.score`` at its threshold (``threshold`` or
-    ``min_fidelity``), or a KL of at most ``max_kl`` when set."""
-    lines: list[PassLine] = [(cfg.score, getattr(cfg, _SETTING[cfg.score]), 1)]
-    return lines + ([("kl", cfg.max_kl, -1)] if cfg.max_kl is not None else [])
-
-
 def _fails(score: dict[str, Any], lines: list[PassLine]) -> str | None:
     """Why a scored candidate is not taken (``None``: it reaches one of the pass ``lines``)."""
     if any(passes(score, line) for line in lines):
@@ -232,7 +222,7 @@ def _fails(score: dict[str, Any], lines: list[PassLine]) -> str | None:
     why = []
     for key, target, sign in lines:
         if score.get(key) is not None:
-            why.append(f"{key} {score[key]:.3f} {'<' if sign > 0 else '>'} {_SETTING[key]} {target}")
+            why.append(f"{key} {score[key]:.3f} {'<' if sign > 0 else '>'} {SETTING_OF[key]} {target}")
         elif key != "kl":  # no KL across vocabularies: nothing to say
             why.append(f"{key} undefined ({score.get(key + '_note')})")
     return ", ".join(why)

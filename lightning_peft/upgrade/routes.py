@@ -37,7 +37,7 @@ from lightning_peft.transfer import (
     synthesize,
     train_student,
 )
-from lightning_peft.upgrade.student_check import PassLine, StudentCheck
+from lightning_peft.upgrade.student_check import StudentCheck
 
 if TYPE_CHECKING:
     from lightning_peft.upgrade.config import UpgradeConfig
@@ -87,7 +87,6 @@ class RouteContext:
             ``None`` when the check made none.
         budget: This adapter's time budget and seconds per phase (``cfg.time_budget``).
         check: Scores a model on the check's inputs (``check(model, tokenizer) -> scores``), set by the fleet.
-        lines: The pass lines of ``cfg`` (:data:`~.student_check.PassLine`).
     """
 
     folder: Path
@@ -100,7 +99,6 @@ class RouteContext:
     synthetic: SyntheticSet | None = None
     budget: TimeBudget = field(default_factory=TimeBudget)
     check: Callable[[nn.Module, Any], dict[str, Any]] | None = None
-    lines: list[PassLine] = field(default_factory=list)
 
     def transfer_config(self, count: int) -> TransferConfig:
         """The Trans-LoRA settings of this adapter's first ``count`` synthetic examples."""
@@ -187,8 +185,8 @@ class TransLoRARoute:
         student.method = student.method or context.method
         if budget.limit is not None:
             student = student.with_trainer_kwargs(max_time={"seconds": budget.left()})
-        checks = [StudentCheck(context.check, context.lines, cfg.student_checks)] if (
-            context.check is not None and cfg.student_checks and context.lines) else []
+        checks = [StudentCheck(context.check, cfg.pass_lines(), cfg.student_checks)] if (
+            context.check is not None and cfg.student_checks) else []
         with budget.phase("student"):
             module, _ = train_student(context.transfer_config(count), train, student, test=False, callbacks=checks)
             budget.expired()  # a student stopped by the budget is still scored; the report names the phase
@@ -205,7 +203,7 @@ def _decide_synthesis(context: RouteContext, held_out: SyntheticSet, missing: in
     left, their acceptance against ``max_proposed``."""
     if missing <= 0:
         return
-    budget, synthesis = context.budget, context.cfg.synthesis
+    budget = context.budget
     spent = budget.seconds.get("synthesis", 0.0) + budget.seconds.get("labelling", 0.0)
     each, left = spent / max(1, len(held_out.accepted)), budget.left()
     if left is not None and each * missing > left:
@@ -213,7 +211,7 @@ def _decide_synthesis(context: RouteContext, held_out: SyntheticSet, missing: in
                            f"({each:.2f} s each, as the held-out ones took), more than the {left:.0f} s left of "
                            f"time_budget={budget.limit:g}; raise time_budget or lower num_synthetic")
     acceptance = (held_out.header.get("stats") or {}).get("acceptance_rate")
-    max_proposed = synthesis.get("max_proposed") or 50 * missing
+    max_proposed = context.transfer_config(missing).proposal_limit(missing)
     if acceptance and missing / acceptance > max_proposed:
         raise RouteSkipped(f"the filter accepted {acceptance:.3f} of the held-out proposals, so {missing} more inputs "
                            f"need about {missing / acceptance:.0f} proposals, more than max_proposed={max_proposed}; "
