@@ -23,7 +23,8 @@ HEADLINE = ("test/loss", "test/token_acc")  # metrics whose mean ± std the test
 
 
 def newer_version(name: str, update: str = "v2") -> str:
-    """``llama-v1`` -> ``llama-v2`` (or ``llama-v2-major`` with ``update="v2-major"``) for zoo names.
+    """``llama-v1`` -> ``llama-v2`` (or ``llama-v2-major`` with ``update="v2-major"``) for zoo names,
+    ``smollm2-135m`` -> ``smollm2-135m-v2`` for a real checkpoint with an update (:mod:`lightning_peft.zoo.real_update`).
 
     Anything else must be given as ``evolve.new``.
 
@@ -31,7 +32,11 @@ def newer_version(name: str, update: str = "v2") -> str:
         ValueError: ``name`` is not a ``*-v1`` zoo name, or the zoo has no such update of it.
     """
     from lightning_peft import zoo
+    from lightning_peft.zoo.real_update import REAL_UPDATES
 
+    real = [u.name for u in REAL_UPDATES.values() if u.base == name and u.name.endswith(f"-{update}")]
+    if real:
+        return real[0]
     if not (zoo.is_zoo_name(name) and name.endswith("-v1")):
         raise ValueError(f"evolve.new is not set and {name!r} is not a '-v1' zoo name; set evolve.new=<updated base>")
     new = name[: -len("v1")] + update

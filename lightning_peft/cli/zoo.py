@@ -18,6 +18,10 @@ def _list() -> int:
         folder = zoo.fetched_dir(name)
         state = f"fetched: {folder}" if folder else f"not fetched ({m.packages}, {m.size / 1e6:,.0f} MB{', opt-in' if m.opt_in else ''})"
         print(f"{name:22s} {state}")
+    for name, u in zoo.REAL_UPDATES.items():
+        folder = zoo.cache_dir() / u.folder_name
+        state = f"built: {folder}" if (folder / "zoo.json").is_file() else f"not built ({u.base} continued {u.steps} steps)"
+        print(f"{name:22s} {state}")
     return 0
 
 
@@ -41,7 +45,7 @@ def zoo_main(args: list[str]) -> int:
         return _list()
     if args[:1] == ["build"] and len(args) > 1:
         for name in args[1:]:
-            print(zoo.build(name))
+            print(zoo.build_real_update(name) if zoo.is_real_update(name) else zoo.build(name))
         return 0
     if args[:1] == ["fetch"] and len(args) > 1:
         try:

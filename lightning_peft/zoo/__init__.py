@@ -5,6 +5,10 @@ tokenizer, in two sizes (``tiny`` for the app, ``micro`` for tests) and three ve
 ``v1``, and two updates of it, ``v2`` (moderate) and ``v2-major`` (strong), both ``v1``
 continually pre-trained on the updated world's corpus. Nothing is downloaded.
 
+Real checkpoints come from the package registry (:mod:`.packaged`: ``smollm2-135m``, the
+Qwen2.5-Coder pair), and ``smollm2-135m-v2`` is a real update of one, continued on Python's own
+documentation (:mod:`.real_update`), built here on first use like the zoo.
+
 What the updates change
 -----------------------
 Real continual pre-training (a release update such as Qwen2 -> Qwen2.5, domain-adaptive
@@ -45,6 +49,7 @@ Example:
 from .builder import build, cache_dir, info, is_built, load, model_dir, resolve
 from .corpus import corpus, fact_prompts
 from .packaged import PACKAGED, PackagedModel, fetch, fetched_dir, is_packaged_name, packaged_dir
+from .real_update import REAL_UPDATES, RealUpdate, build_real_update, is_real_update
 from .spec import FAMILIES, SIZES, VERSIONS, ZooSpec, is_zoo_name, names, spec
 from .world import World, make_world
 
@@ -52,11 +57,14 @@ __all__ = [
     "FAMILIES",
     "PACKAGED",
     "PackagedModel",
+    "REAL_UPDATES",
+    "RealUpdate",
     "SIZES",
     "VERSIONS",
     "World",
     "ZooSpec",
     "build",
+    "build_real_update",
     "cache_dir",
     "corpus",
     "fact_prompts",
@@ -65,6 +73,7 @@ __all__ = [
     "info",
     "is_built",
     "is_packaged_name",
+    "is_real_update",
     "is_zoo_name",
     "load",
     "make_world",

@@ -31,7 +31,9 @@ from ..atomic import atomic_directory
 from .cache import cache_dir, file_sha256
 from .corpus import corpus
 from .packaged import PACKAGED_NAME_RE, is_packaged_name, resolve_packaged
+from .real_update import build_real_update, is_real_update
 from .spec import ZOO_NAME_RE, ZooSpec, is_zoo_name, spec, unknown_name_error
+from .train import build_threads
 
 if TYPE_CHECKING:  # transformers is imported lazily: `import lightning_peft.zoo` stays cheap
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -148,26 +150,6 @@ def _train_seeded(s: ZooSpec, parent: Path | None, progress: bool, t0: float) ->
     return Trained(model, tokenizer, meta)
 
 
-def build_threads() -> int:
-    """CPU threads a build trains with: ``$LIGHTNING_PEFT_ZOO_THREADS``, default 1.
-
-    One thread by default, for two reasons: the result is then bit-identical whatever the
-    caller's ``torch.get_num_threads()`` (GPT-2's Conv1D sums differ in the last bit between
-    thread counts), and on a small shared machine a second process using the same cores
-    makes multi-threaded OpenMP spin-wait and run ~20x slower, while one thread degrades
-    gracefully. On an idle machine two threads are ~1.7x faster.
-
-    Raises:
-        ValueError: The variable is not a positive integer.
-    """
-    raw = os.environ.get("LIGHTNING_PEFT_ZOO_THREADS", "1")
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(
-            f"LIGHTNING_PEFT_ZOO_THREADS must be a positive integer, got {raw!r}; unset it to use 1"
-        )
-    return int(raw)
-
-
 @contextmanager
 def _transformers_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own load/save progress bars when ``enabled`` is False."""
@@ -247,7 +229,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
 
     Args:
         name_or_path: A zoo name (built locally, or a real checkpoint fetched from the package
-            registry: :mod:`.packaged`), a local folder or a Hugging Face model name.
+            registry: :mod:`.packaged`, or an update of one: :mod:`.real_update`), a local folder
+            or a Hugging Face model name.
 
     Returns:
         The folder for a zoo name; otherwise ``name_or_path`` unchanged (as ``str``).
@@ -261,6 +244,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
     value = os.fspath(name_or_path)
     if is_zoo_name(value):
         return str(build(value))
+    if is_real_update(value):
+        return str(build_real_update(value))
     if is_packaged_name(value) or (PACKAGED_NAME_RE.match(value) and not os.path.exists(value)):
         return str(resolve_packaged(value))  # an unknown name fails listing the packaged ones
     if ZOO_NAME_RE.match(value) and not os.path.exists(value):
