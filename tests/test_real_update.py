@@ -129,7 +129,7 @@ def test_names_resolve_and_evolve_finds_the_update(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.slow
-def test_real_v2_drift_is_within_its_documented_range() -> None:
+def test_real_v2_drift_is_within_its_documented_range(real_registry) -> None:
     """The documented drift of ``smollm2-135m-v2`` (module docstring and benchmarks/README.md)."""
     from lightning_peft.analysis.compare import weight_drift
 
