@@ -143,3 +143,23 @@ def test_real_v2_drift_is_within_its_documented_range(real_registry) -> None:
     means = {g: sum(v) / len(v) for g, v in by_group.items()}
     low, high = ru.DOCUMENTED_DRIFT
     assert all(low <= m <= high for m in means.values()), means
+
+
+@pytest.mark.slow
+def test_readme_real_evolve_command_runs_as_typed(real_registry, tmp_path: Path) -> None:
+    """The README's `lightning-peft evolve model=smollm2 ...` (v_n: the real update), in short steps."""
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (command,) = [line.strip() for line in readme.splitlines() if line.strip().startswith("lightning-peft evolve model=smollm2")]
+    short = ["trainer.max_steps=2", "task.num_train=32", "task.num_test=16", "evolve.seeds=1", "evolve.drift_batches=1",
+             f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "lightning_peft.cli", *command.split()[1:], *short],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["old"], results["new"]) == ("smollm2-135m", "smollm2-135m-v2")
+    assert set(results["rows"]) == {"Fine-tune_o", "Direct transfer o->n", "Trans-PEFT o->n", "Fine-tune_n"}
+    groups = {line.split(",")[2] for line in (tmp_path / "drift" / "attribution.csv").read_text().splitlines()[1:]}
+    assert {"ffn", "attention", "outside"} <= groups  # the causal attribution ran on the real pair
