@@ -6,10 +6,10 @@ Gu et al., ACL 2025, section 2: Qwen2 -> Qwen2.5 is continued pre-training of th
 weights): ``smollm2-135m`` (v1) continued on a corpus that ships with Python, its English
 documentation (``pydoc_data.topics``: the language reference) and the docstrings of its standard
 library, parsed with :mod:`ast` and never imported. That is a domain update (towards Python
-documentation), like the code and math stages that moved SmolLM2 and Qwen2.5 between releases.
+documentation), as the code and math stages of SmolLM2's own multi-stage training shifted its data mix.
 
 The recipe is continual pre-training's: restart from the released weights at a peak learning rate
-well below pre-training's (2e-4, where small models pre-train at ~1e-3 to 3e-3), a linear warm-up,
+well below pre-training's (2e-4), a linear warm-up,
 cosine decay to 10%, AdamW (0.9, 0.95), weight decay 0.1 on matrices, gradient clipping at 1.0
 (:func:`lightning_peft.zoo.train.pretrain`, the loop that builds the zoo's v2). One in twenty
 documents is held out: its loss under v1 and v2 (``zoo.json``) shows the update learned the domain.
