@@ -5,7 +5,7 @@ Issue 26, item 4: is the real v2 an update like the zoo's? Per pair, on a task's
 weight change ||W_n - W_o|| / ||W_o|| per module type and per depth third, the attention
 Jensen-Shannon divergence and the CKA of the layer outputs (means over layers and heads).
 
-    python benchmarks/drift_profile.py            # all pairs (builds what is missing: the real v2 ~50 min)
+    python benchmarks/drift_profile.py            # all pairs (builds what is missing: the real v2 took 38 min)
     python benchmarks/drift_profile.py --pairs smollm2
 
 Writes ``benchmarks/results/drift_profile.{json,md,png}``.
