@@ -8,6 +8,7 @@ import sys
 
 from lightning_peft import zoo
 from lightning_peft.wheels import PackageFetchError
+from lightning_peft.zoo.cache import ZOO_JSON
 from lightning_peft.zoo.packaged import DEFAULT_DTYPE, DTYPES, SOURCE_JSON
 
 
@@ -20,7 +21,7 @@ def _list() -> int:
         print(f"{name:22s} {state}")
     for name, u in zoo.REAL_UPDATES.items():
         folder = zoo.cache_dir() / u.folder_name
-        state = f"built: {folder}" if (folder / "zoo.json").is_file() else f"not built ({u.base} continued {u.steps} steps)"
+        state = f"built: {folder}" if (folder / ZOO_JSON).is_file() else f"not built ({u.base} continued {u.steps} steps)"
         print(f"{name:22s} {state}")
     return 0
 

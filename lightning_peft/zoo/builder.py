@@ -28,7 +28,7 @@ import torch
 from filelock import FileLock
 
 from ..atomic import atomic_directory
-from .cache import cache_dir, file_sha256
+from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256
 from .corpus import corpus
 from .packaged import PACKAGED_NAME_RE, is_packaged_name, resolve_packaged
 from .real_update import build_real_update, is_real_update
@@ -40,8 +40,6 @@ if TYPE_CHECKING:  # transformers is imported lazily: `import lightning_peft.zoo
 
 log = logging.getLogger(__name__)
 
-ZOO_JSON = "zoo.json"
-WEIGHTS = "model.safetensors"
 
 
 def model_dir(name: str) -> Path:

@@ -6,6 +6,9 @@ import hashlib
 import os
 from pathlib import Path
 
+ZOO_JSON = "zoo.json"  # written last into a built model's folder: its presence means the build finished
+WEIGHTS = "model.safetensors"
+
 
 def cache_root() -> Path:
     """``$LIGHTNING_PEFT_CACHE`` (default ``~/.cache/lightning_peft``): the zoo, fetched data, upgrades."""

@@ -57,11 +57,10 @@ import torch
 from filelock import FileLock
 
 from ..atomic import atomic_directory
-from .cache import cache_dir, file_sha256
+from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
-ZOO_JSON = "zoo.json"
 # Mean relative weight change of the attention and the FFN matrices of the built update (measured 0.0091 and
 # 0.0087): the range ``tests/test_real_update.py`` checks a build against.
 DOCUMENTED_DRIFT = (0.006, 0.013)
@@ -197,7 +196,7 @@ def _train_into(u: RealUpdate, base: Path, tmp: Path, target: Path, progress: bo
     corpus_sha = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
     meta = {
         "name": u.name, "digest": u.digest(), "spec": asdict(u), "base": u.base, "base_folder": base.name,
-        "base_weights_sha256": file_sha256(base / "model.safetensors"), "dtype": saved_dtype,
+        "base_weights_sha256": file_sha256(base / WEIGHTS), "dtype": saved_dtype,
         "corpus": "python-docs", "corpus_sha256": corpus_sha, "python": sys.version.split()[0],
         "corpus_docs": len(train_docs), "corpus_tokens": int((labels != -100).sum()), "blocks": len(input_ids),
         "held_out_docs": len(held_docs), "held_out_tokens": int((held_labels != -100).sum()),
