@@ -124,3 +124,24 @@ def test_train_refuses_an_evolve_section(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", "import sys; from lightning_peft.cli import main; sys.exit(main())", *cmd],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "lightning-peft evolve" in proc.stderr
+
+
+def test_adapter_cache_shares_the_plain_rows_between_trans_peft_settings(tmp_path: Path) -> None:
+    """A second run with other Trans-PEFT settings trains and evaluates only the Trans-PEFT row: the plain
+    adapters and their three evaluations come from `evolve.adapter_cache`, with the first run's numbers."""
+    cache = tmp_path / "cache"
+    for run in "ab":
+        (tmp_path / run).mkdir()
+    first = _evolve(tmp_path / "a", "logger=none", "evolve.seeds=1", f"evolve.adapter_cache={cache}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapters = {p.parent for p in cache.glob("*/adapter")}
+    evaluations = set(cache.glob("eval/*.json"))
+    assert len(adapters) == 3 and len(evaluations) == 4  # Fine-tune_o, Trans-PEFT, Fine-tune_n; four rows
+    second = _evolve(tmp_path / "b", "logger=none", "evolve.seeds=1", f"evolve.adapter_cache={cache}",
+                     "evolve.trans_peft.drop_p=0.2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len({p.parent for p in cache.glob("*/adapter")} - adapters) == 1  # only the new Trans-PEFT adapter
+    assert len(set(cache.glob("eval/*.json")) - evaluations) == 1  # only its evaluation
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in "ab")
+    assert all(a[row] == b[row] for row in ROWS if row != "Trans-PEFT o->n")
+    assert "reusing the cached evaluation" in second.stderr or "reusing the cached evaluation" in second.stdout

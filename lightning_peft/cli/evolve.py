@@ -34,6 +34,7 @@ same groups as ``lightning-peft train`` (model, method, task, trainer, logger) p
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -58,6 +59,7 @@ from lightning_peft.analysis.evolve_stats import (
     recovery_ratio,
     seed_list,
 )
+from lightning_peft.atomic import atomic_write_text
 from lightning_peft.cli.run import RunContext
 from lightning_peft.data import first_batches
 from lightning_peft.resume import FinishedFile, settings_digest
@@ -110,6 +112,23 @@ def train_adapter(cfg: DictConfig, base: str, root: Path, trans_peft: DictConfig
     return lp.save_adapter(module, root / "adapter")
 
 
+def _cached_evaluation(cfg: DictConfig, adapter: Path, base: str, root: Path) -> dict[str, float]:
+    """`evaluate_adapter`, or its earlier result from ``evolve.adapter_cache`` for the same adapter weights,
+    base and settings (``<cache>/eval/<digest>.json``), so a sweep over Trans-PEFT settings evaluates the
+    Fine-tune_o, Direct transfer and Fine-tune_n rows once per seed."""
+    cache = cfg.evolve.get("adapter_cache")
+    if not cache:
+        return evaluate_adapter(cfg, adapter, base, root)
+    key = {"adapter": AdapterFolder(adapter).fingerprint(), "base": base, **_training_settings(cfg)}
+    file = Path(cache) / "eval" / f"{settings_digest(key)}.json"
+    if file.is_file():
+        log.info("evolve: reusing the cached evaluation %s", file)
+        return json.loads(file.read_text())["metrics"]
+    metrics = evaluate_adapter(cfg, adapter, base, root)
+    atomic_write_text(file, json.dumps({"settings": key, "metrics": metrics}, indent=1, default=str))
+    return metrics
+
+
 def evaluate_adapter(cfg: DictConfig, adapter: Path, base: str, root: Path) -> dict[str, float]:
     """Load ``adapter`` onto ``base`` (transfer: nothing is trained) and run the task's test split."""
     module = instantiate(cfg.module, model=base)
@@ -149,10 +168,10 @@ def run_seed(cfg: DictConfig, seed: int, old: str, new: str, root: Path) -> dict
     a_tp = _cached_adapter(cfg, old, root / "trans_peft_o", seed, trans_peft=cfg.evolve.trans_peft)
     a_n = _cached_adapter(cfg, new, root / "fine_tune_n", seed)
     rows = {
-        ROWS[0]: evaluate_adapter(cfg, a_o, old, root / "eval" / "fine_tune_o"),
-        ROWS[1]: evaluate_adapter(cfg, a_o, new, root / "eval" / "direct"),
-        ROWS[2]: evaluate_adapter(cfg, a_tp, new, root / "eval" / "trans_peft"),
-        ROWS[3]: evaluate_adapter(cfg, a_n, new, root / "eval" / "fine_tune_n"),
+        ROWS[0]: _cached_evaluation(cfg, a_o, old, root / "eval" / "fine_tune_o"),
+        ROWS[1]: _cached_evaluation(cfg, a_o, new, root / "eval" / "direct"),
+        ROWS[2]: _cached_evaluation(cfg, a_tp, new, root / "eval" / "trans_peft"),
+        ROWS[3]: _cached_evaluation(cfg, a_n, new, root / "eval" / "fine_tune_n"),
     }
     result = {
         "seed": seed, "rows": rows,
