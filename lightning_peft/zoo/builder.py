@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,10 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from filelock import FileLock
 
-from ..atomic import atomic_directory
-from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256
+from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256, locked_build
 from .corpus import corpus
 from .packaged import PACKAGED_NAME_RE, is_packaged_name, resolve_packaged
 from .real_update import build_real_update, is_real_update
@@ -202,22 +199,13 @@ def build(name: str, *, force: bool = False, progress: bool = True) -> Path:
         ValueError: ``name`` is not a zoo name.
     """
     s = spec(name)
-    root = cache_dir()
-    target = root / s.folder_name
+    target = cache_dir() / s.folder_name
     if not force and (target / ZOO_JSON).is_file():
         return target
     parent = build(s.init, progress=progress) if s.init else None
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{s.folder_name}.lock")):
-        if not force and (target / ZOO_JSON).is_file():
-            return target  # another process built it while we waited for the lock
-        # We hold the lock, so any temp folder of this model is a killed build's leftover.
-        for stale in root.glob(f".{s.folder_name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        log.info("building zoo model %s into %s", s.name, target)
-        # force=True replaces the old build: the cache folder is ours, whatever files it holds
-        owned = {p.name for p in target.iterdir()} if target.is_dir() else set()
-        with atomic_directory(target, replaceable=owned) as tmp, _transformers_bars(progress):
+    with locked_build(target, ZOO_JSON, force) as tmp, _transformers_bars(progress):
+        if tmp is not None:
+            log.info("building zoo model %s into %s", s.name, target)
             _build_into(s, tmp, target, parent, progress)
     return target
 

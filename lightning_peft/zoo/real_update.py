@@ -45,7 +45,6 @@ import ast
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import sysconfig
 import time
@@ -54,10 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
-from ..atomic import atomic_directory
-from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256
+from .cache import WEIGHTS, ZOO_JSON, cache_dir, file_sha256, locked_build
 
 log = logging.getLogger(__name__)
 
@@ -229,21 +226,15 @@ def build_real_update(name: str, *, force: bool = False, progress: bool = True, 
             "Fix: use one of these names, or pass a local save_pretrained folder"
         )
     u = REAL_UPDATES[name]
-    root, target = cache_dir(), cache_dir() / u.folder_name
+    target = cache_dir() / u.folder_name
     if not force and (target / ZOO_JSON).is_file():
         return target
     if base is None:
         from .packaged import resolve_packaged
 
         base = resolve_packaged(u.base)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{u.folder_name}.lock")):
-        if not force and (target / ZOO_JSON).is_file():
-            return target
-        for stale in root.glob(f".{u.folder_name}.tmp-*"):  # a killed build's leftovers (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        log.warning("building %s: %s continued on Python's documentation (%d steps)", name, u.base, u.steps)
-        owned = {p.name for p in target.iterdir()} if target.is_dir() else set()
-        with atomic_directory(target, replaceable=owned) as tmp:
+    with locked_build(target, ZOO_JSON, force) as tmp:
+        if tmp is not None:
+            log.warning("building %s: %s continued on Python's documentation (%d steps)", name, u.base, u.steps)
             _train_into(u, Path(base), tmp, target, progress)
     return target
