@@ -1,5 +1,6 @@
-"""Trans-LoRA on the zoo: carry a LoRA from llama-v1 to llama-v2 (same family) and to qwen2-v1
-(another family and tokenizer), on two tasks, over seeds. Slow: run it by hand, not in CI.
+"""Trans-LoRA: carry a LoRA from llama-v1 to llama-v2 (same family) and to qwen2-v1 (another family and
+tokenizer) on the zoo, or between real checkpoints (``--pairs smollm2-135m:qwen2.5-coder-0.5b``, the packaged
+instruct models write the synthetic inputs), over seeds. Slow: run it by hand, not in CI.
 
 Rows per (pair, task, seed), as in Wang et al. 2024 (Table 1 and the ablations):
 
@@ -12,7 +13,8 @@ Rows per (pair, task, seed), as in Wang et al. 2024 (Table 1 and the ablations):
   student starting from the source adapter instead of a fresh LoRA (same family only:
   ``TransferConfig.warm_start``, with its ``warm_lr`` / ``warm_steps`` unless ``--warm-lr`` / ``--warm-steps``);
 * ``seeds_only``: target + adapter trained on the seed examples alone (real labels);
-* ``no_transfer``: the source adapter loaded directly onto the target (same family only).
+* ``no_transfer``: the source adapter loaded directly onto the target (where its shapes fit);
+* ``fine_tune_n`` (``--only fine_tune_n``): the target trained on the real data (the upper bound).
 
 The filter asks for ``--synthetic`` examples; when the generator runs out of new inputs first
 (``kept`` below it), the filtered rows train on what was kept. Each row is scored twice on the
@@ -28,7 +30,11 @@ Ablations of the synthesis and the student (``--no-anchor``: the paper's free co
 optional rows. ``benchmarks/translora_ablation.py`` runs and gathers the recorded settings.
 
 Run: python benchmarks/translora_experiment.py [--seeds 0 1 2] [--steps 300] [--synthetic 64] [--resume]
-(about 50 minutes on 2 CPU cores). Writes benchmarks/results/translora.{json,md,png}.
+(about 50 minutes on 2 CPU cores). Writes benchmarks/results/translora.{json,md,png}. Real models (the
+real-model sweep's LoRA lr; sarcasm answers are one token):
+
+    python benchmarks/translora_experiment.py --pairs smollm2-135m:qwen2.5-coder-0.5b --tasks sarcasm \
+        --lr 6e-4 --batch-size 8 --max-new-tokens 4 --only unfiltered fine_tune_n --out benchmarks/results/translora_real
 """
 
 from __future__ import annotations
@@ -58,11 +64,11 @@ NUM_SEEDS = {"data2text": 5, "sql": 3}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
          "accelerator": "cpu", "devices": 1}
 COLS = ["source", "target_base", "trans_lora", "trans_lora_kl", "unfiltered", "trans_lora_warm", "unfiltered_warm",
-        "trans_lora_kl_warm", "seeds_only", "no_transfer"]
+        "trans_lora_kl_warm", "seeds_only", "no_transfer", "fine_tune_n"]
 
 
-def _test(module: CausalLMModule, task: str, model: str, n_test: int) -> dict[str, float]:
-    dm = get_task(task, tokenizer=model, num_train=8, num_val=0, num_test=n_test)
+def _test(module: CausalLMModule, task: str, model: str, args) -> dict[str, float]:
+    dm = get_task(task, tokenizer=model, num_train=8, num_val=0, num_test=args.test, eval_batch_size=args.eval_batch_size)
     return L.Trainer(**QUIET).test(module, dm, verbose=False)[0]
 
 
@@ -74,28 +80,30 @@ def _scores(name: str, metrics: dict[str, float]) -> dict[str, float]:
 MODULE_KW = {"lr": 5e-3, "warmup_steps": 20, "max_new_tokens": 64, "generate_on_val": False}
 
 
-def _module(model: str, lr: float | None = None) -> CausalLMModule:
-    return CausalLMModule(model=model, **{**MODULE_KW, "lr": lr or MODULE_KW["lr"]})
+def _module(model: str, args, lr: float | None = None) -> CausalLMModule:
+    return CausalLMModule(model=model, **{**MODULE_KW, "lr": lr or args.lr, "max_new_tokens": args.max_new_tokens})
 
 
 def _train(model: str, task: str, args, seed: int, examples: list[Example] | None = None,
            callbacks: tuple = (), init: Path | None = None) -> tuple[CausalLMModule, dict[str, float]]:
-    """A LoRA (r=8) on ``model``: on the task's real training split, or on ``examples`` (``--student-steps``).
+    """A LoRA (r=8) on ``model``: on the task's real training split (``--lr``), or on ``examples`` (``--student-lr``,
+    ``--student-steps``).
 
     ``init``: start from that adapter when it fits ``model`` (``--only warm``), else from a fresh LoRA.
     """
     L.seed_everything(seed, verbose=False)
-    module = _module(model, None if examples is None else args.student_lr)
+    module = _module(model, args, None if examples is None else args.student_lr)
     warm = init is not None and transfer.pipeline.warm_start_from(module, str(init))
     if examples is None:
-        dm = get_task(task, tokenizer=model, num_train=args.train, num_val=0, num_test=args.test, shuffle_seed=seed)
+        dm = get_task(task, tokenizer=model, num_train=args.train, num_val=0, num_test=args.test, shuffle_seed=seed,
+                      batch_size=args.batch_size)
     else:
-        dm = transfer.ExamplesDataModule(model, examples, shuffle_seed=seed)
+        dm = transfer.ExamplesDataModule(model, examples, shuffle_seed=seed, batch_size=args.batch_size)
     steps = args.steps if examples is None else args.student_steps or args.steps
     if warm:  # the schedule TransferConfig gives a warm-started student
         module.hparams.lr, steps = args.warm_lr, args.warm_steps
     L.Trainer(max_steps=steps, callbacks=[*([] if warm else [lp.LoRA(r=8)]), *callbacks], **QUIET).fit(module, dm)
-    return module, _test(module, task, model, args.test)
+    return module, _test(module, task, model, args)
 
 
 def _source(src: str, task: str, seed: int, args, work: Path) -> tuple[Path, dict[str, float]]:
@@ -108,7 +116,7 @@ def _source(src: str, task: str, seed: int, args, work: Path) -> tuple[Path, dic
     module, metrics = _train(src, task, args, seed, callbacks=(disc,))
     # how much of the real test inputs the discriminator lets through (its synthetic acceptance
     # means little without this)
-    scorer = _module(src)
+    scorer = _module(src, args)
     scorer.configure_model()
     lp.load_adapter(scorer, disc.path)
     real = [e.prompt for e in get_task(task, tokenizer=src, num_train=8, num_val=0, num_test=args.test)
@@ -122,14 +130,15 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
     if (src, task, seed) not in sources:  # shared by every target of this source
         sources[src, task, seed] = _source(src, task, seed, args, work)
     adapter, source_metrics = sources[src, task, seed]
-    row: dict = {**_scores("source", source_metrics), **_scores("target_base", _test(_module(tgt), task, tgt, args.test)),
+    row: dict = {**_scores("source", source_metrics), **_scores("target_base", _test(_module(tgt, args), task, tgt, args)),
                  "disc_real_acceptance": source_metrics["disc_real_acceptance"]}
     common = {"source_model": src, "source_adapter": str(adapter), "target_model": tgt, "task": task, "seed": seed,
               "num_synthetic": args.synthetic, "num_seeds": NUM_SEEDS.get(task, 5),
               "max_proposed": args.max_proposed_factor * args.synthetic, "anchor_format": args.anchor,
               "generator": args.generator,
+              "label_max_new_tokens": args.max_new_tokens,
               "task_kwargs": {"num_train": 8, "num_val": 0, "num_test": args.test}}  # the test split of _test
-    same_vocab = src.split("-")[0] == tgt.split("-")[0]  # zoo: one tokenizer per family (v1 and v2)
+    same_vocab = _vocabulary(src) == _vocabulary(tgt)
     kept = args.synthetic
     for name, filt in (("trans_lora", True), ("unfiltered", False))[: 2 if "unfiltered" in args.only else 1]:
         cfg = transfer.TransferConfig(**common, filter=filt, cache=str(work / f"{src}-{tgt}-{task}-{seed}-{name}.jsonl"))
@@ -159,17 +168,26 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
                                                         "warm_lr": args.warm_lr, "warm_steps": args.warm_steps})
                     L.seed_everything(seed, verbose=False)
                     row.update(_scores(kl_name, transfer.train_student(
-                        kl_cfg, syn, "lora", {"r": 8}, {**MODULE_KW, "lr": args.student_lr or MODULE_KW["lr"]},
-                        {"max_steps": args.student_steps or args.steps, **QUIET}, {"shuffle_seed": seed})[1]))
+                        kl_cfg, syn, "lora", {"r": 8}, {**MODULE_KW, "lr": args.student_lr or args.lr,
+                                                        "max_new_tokens": args.max_new_tokens},
+                        {"max_steps": args.student_steps or args.steps, **QUIET},
+                        {"shuffle_seed": seed, "batch_size": args.batch_size})[1]))
     if "seeds_only" in args.only:
         seeds = get_task(task, tokenizer=tgt, num_train=8).get_examples()["train"][: NUM_SEEDS.get(task, 5)]
         row.update(_scores("seeds_only", _train(tgt, task, args, seed, seeds)[1]))
-    if same_vocab:  # same family: shapes fit, the old adapter loads directly
-        direct = _module(tgt)
-        direct.configure_model()
-        lp.load_adapter(direct, adapter)
-        row.update(_scores("no_transfer", _test(direct, task, tgt, args.test)))
+    direct = _module(tgt, args)
+    if transfer.pipeline.warm_start_from(direct, str(adapter)):  # the shapes fit: the old adapter loads directly
+        row.update(_scores("no_transfer", _test(direct, task, tgt, args)))
+    if "fine_tune_n" in args.only:  # the upper bound: the target trained on the real data
+        row.update(_scores("fine_tune_n", _train(tgt, task, args, seed)[1]))
     return row
+
+
+def _vocabulary(model: str) -> dict[str, int]:
+    """The model's tokenizer vocabulary (the teacher's token-level KL needs the same one on both sides)."""
+    from lightning_peft.tasks.base import load_tokenizer
+
+    return load_tokenizer(model).get_vocab()
 
 
 def main() -> None:
@@ -185,15 +203,22 @@ def main() -> None:
     p.add_argument("--student-steps", type=int, default=None, help="steps of the students (default: --steps)")
     p.add_argument("--no-anchor", dest="anchor", action="store_false",
                    help="synthesise as the paper does (free continuation), not anchored to the seeds' format")
-    p.add_argument("--student-lr", type=float, default=None, help="learning rate of the students (default: 5e-3)")
+    p.add_argument("--lr", type=float, default=MODULE_KW["lr"], help="learning rate of the trainings on real data")
+    p.add_argument("--student-lr", type=float, default=None, help="learning rate of the students (default: --lr)")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size (real data and students)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="test batch size (default: the task's)")
+    p.add_argument("--max-new-tokens", type=int, default=MODULE_KW["max_new_tokens"],
+                   help="greedy answer length when testing (and the teacher's label length)")
     defaults = transfer.TransferConfig("", "", "", "")
     p.add_argument("--warm-lr", type=float, default=defaults.warm_lr, help="lr of the warm-started students")
     p.add_argument("--warm-steps", type=int, default=defaults.warm_steps, help="steps of the warm-started students")
     p.add_argument("--generator", default=None, help="zoo model that writes the inputs (default: the target)")
     p.add_argument("--only", nargs="+", default=["unfiltered", "trans_lora_kl", "seeds_only"],
-                   choices=["unfiltered", "trans_lora_kl", "seeds_only", "warm", "none"],
-                   help="optional rows to run (warm: also students that start from the source adapter; none: none)")
-    p.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target zoo names")
+                   choices=["unfiltered", "trans_lora_kl", "seeds_only", "warm", "fine_tune_n", "none"],
+                   help="optional rows to run (warm: also students that start from the source adapter; fine_tune_n: "
+                        "the target trained on the real data; none: none)")
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS),
+                   help="source:target names (zoo or packaged real models, e.g. smollm2-135m:qwen2.5-coder-0.5b)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--out", type=Path, default=OUT, help="folder for translora.{json,md,png}")
     p.add_argument("--work", type=Path, default=None,
@@ -266,7 +291,7 @@ def _plot(groups: dict, path: Path) -> None:
         ax.set_xticklabels([f"{s}->{t}\n{task}" for s, t, task in groups], fontsize=8)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Trans-LoRA on the zoo (mean ± std over seeds)")
+    fig.suptitle("Trans-LoRA (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
