@@ -112,7 +112,7 @@ def train_adapter(cfg: DictConfig, base: str, root: Path, trans_peft: DictConfig
     return lp.save_adapter(module, root / "adapter")
 
 
-def _cached_evaluation(cfg: DictConfig, adapter: Path, base: str, root: Path) -> dict[str, float]:
+def cached_evaluation(cfg: DictConfig, adapter: Path, base: str, root: Path) -> dict[str, float]:
     """`evaluate_adapter`, or its earlier result from ``evolve.adapter_cache`` for the same adapter weights,
     base and settings (``<cache>/eval/<digest>.json``), so a sweep over Trans-PEFT settings evaluates the
     Fine-tune_o, Direct transfer and Fine-tune_n rows once per seed."""
@@ -168,10 +168,10 @@ def run_seed(cfg: DictConfig, seed: int, old: str, new: str, root: Path) -> dict
     a_tp = _cached_adapter(cfg, old, root / "trans_peft_o", seed, trans_peft=cfg.evolve.trans_peft)
     a_n = _cached_adapter(cfg, new, root / "fine_tune_n", seed)
     rows = {
-        ROWS[0]: _cached_evaluation(cfg, a_o, old, root / "eval" / "fine_tune_o"),
-        ROWS[1]: _cached_evaluation(cfg, a_o, new, root / "eval" / "direct"),
-        ROWS[2]: _cached_evaluation(cfg, a_tp, new, root / "eval" / "trans_peft"),
-        ROWS[3]: _cached_evaluation(cfg, a_n, new, root / "eval" / "fine_tune_n"),
+        ROWS[0]: cached_evaluation(cfg, a_o, old, root / "eval" / "fine_tune_o"),
+        ROWS[1]: cached_evaluation(cfg, a_o, new, root / "eval" / "direct"),
+        ROWS[2]: cached_evaluation(cfg, a_tp, new, root / "eval" / "trans_peft"),
+        ROWS[3]: cached_evaluation(cfg, a_n, new, root / "eval" / "fine_tune_n"),
     }
     result = {
         "seed": seed, "rows": rows,
