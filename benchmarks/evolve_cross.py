@@ -33,16 +33,16 @@ def cross(run_dir: Path) -> dict:
     """``{adapter row: {"old"|"new": [metrics per seed]}}`` of one evolve run folder."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.run_dir = str(run_dir.resolve())  # the saved config names Hydra's output dir by interpolation
-    results = json.loads((run_dir / "results.json").read_text())
+    seeds = [json.loads(f.read_text()) for f in sorted(run_dir.glob("seed*/rows.json"))]  # the finished seeds
+    bases = {side: seeds[0]["settings"][side] for side in ("old", "new")}
     out: dict = {row: {"old": [], "new": []} for row in ADAPTERS}
-    for seed, adapters in results["adapters"].items():
+    for s in seeds:
         for row in ADAPTERS:
-            for side in ("old", "new"):
-                root = run_dir / f"seed{seed}" / "cross" / f"{row.split()[0].lower()}_{side}"
-                metrics = cached_evaluation(cfg, Path(adapters[row]), results[side], root)
+            for side, base in bases.items():
+                root = run_dir / f"seed{s['seed']}" / "cross" / f"{row.split()[0].lower()}_{side}"
+                metrics = cached_evaluation(cfg, Path(s["adapters"][row]), base, root)
                 out[row][side].append({m: metrics[m] for m in METRICS})
-    return {"old": results["old"], "new": results["new"], "trans_peft": results["trans_peft"],
-            "seeds": results["seeds"], "rows": out}
+    return {**bases, "trans_peft": seeds[0]["settings"]["trans_peft"], "seeds": [s["seed"] for s in seeds], "rows": out}
 
 
 def _cell(values: list[dict], metric: str) -> str:
@@ -52,7 +52,7 @@ def _cell(values: list[dict], metric: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", type=Path, nargs="+", help="evolve run folders (hydra.run.dir) holding results.json")
+    p.add_argument("runs", type=Path, nargs="+", help="evolve run folders (hydra.run.dir): their finished seeds")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     report = {str(run): cross(run) for run in args.runs}
