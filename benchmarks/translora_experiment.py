@@ -80,8 +80,13 @@ def _scores(name: str, metrics: dict[str, float]) -> dict[str, float]:
 MODULE_KW = {"lr": 5e-3, "warmup_steps": 20, "max_new_tokens": 64, "generate_on_val": False}
 
 
+def _module_kwargs(args, lr: float | None = None) -> dict:
+    """The CausalLMModule settings of every training and test here (``lr``: default ``--lr``)."""
+    return {**MODULE_KW, "lr": lr or args.lr, "max_new_tokens": args.max_new_tokens}
+
+
 def _module(model: str, args, lr: float | None = None) -> CausalLMModule:
-    return CausalLMModule(model=model, **{**MODULE_KW, "lr": lr or args.lr, "max_new_tokens": args.max_new_tokens})
+    return CausalLMModule(model=model, **_module_kwargs(args, lr))
 
 
 def _train(model: str, task: str, args, seed: int, examples: list[Example] | None = None,
@@ -168,8 +173,7 @@ def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources:
                                                         "warm_lr": args.warm_lr, "warm_steps": args.warm_steps})
                     L.seed_everything(seed, verbose=False)
                     row.update(_scores(kl_name, transfer.train_student(
-                        kl_cfg, syn, "lora", {"r": 8}, {**MODULE_KW, "lr": args.student_lr or args.lr,
-                                                        "max_new_tokens": args.max_new_tokens},
+                        kl_cfg, syn, "lora", {"r": 8}, _module_kwargs(args, args.student_lr),
                         {"max_steps": args.student_steps or args.steps, **QUIET},
                         {"shuffle_seed": seed, "batch_size": args.batch_size})[1]))
     if "seeds_only" in args.only:
