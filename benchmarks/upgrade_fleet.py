@@ -1,20 +1,29 @@
 """A fleet upgrade on the zoo: which route each adapter gets, how good it is on real test data, and the threshold.
 
 1. **Fleet**: ``lightning-peft train experiment=translora_source`` for 3 tasks x {LoRA, SHiRA} x seeds on
-   llama-v1 (each adapter carries its seeds and discriminator, as every ``lightning-peft train`` adapter does).
+   llama-v1 (``--model``: another base; each adapter carries its seeds and discriminator, as every
+   ``lightning-peft train`` adapter does).
 2. **Fine-tune_n**: the same adapters retrained with the real data on each new base (the upper bound).
 3. **Upgrade**: ``lightning-peft upgrade adapters=<fleet> new=<target> keep_candidates=true threshold=1.0`` per
    target (llama-v2, llama-v2-major, qwen2-v1): every route is scored and every candidate kept.
 4. **Real test accuracy** of every candidate, the bare target and Fine-tune_n (token accuracy and loss).
-5. **Calibration**: the agreement threshold above which (and the token-level KL ``max_kl`` below which)
-   candidates keep >= ``--goal`` of the source adapter's token accuracy; then the routes the fleet gets there.
-   Also the fidelity's ``min_fidelity`` and each score's rank correlation with relative accuracy (all candidates,
-   and across families alone).
+5. **Calibration**: the agreement threshold above which (and the token-level KL ``max_kl`` below which, and
+   the fidelity ``min_fidelity`` above which) candidates keep >= ``--goal`` of the source adapter's token
+   accuracy, and each score's rank correlation with relative accuracy (all candidates, and across families alone).
+6. **Decisions**: the routes taken with ``lightning-peft upgrade``'s defaults and with each calibrated rule,
+   their precision (taken routes that keep >= ``--goal``) and recall (candidates that keep it and pass).
 
 Writes ``benchmarks/results/upgrade_fleet.{json,md,png}``. Reruns continue (every step is cached in ``--work``).
 
     python benchmarks/upgrade_fleet.py                          # the full fleet (hours on 2 CPU cores)
     python benchmarks/upgrade_fleet.py --tasks data2text --methods lora --seeds 0 --targets llama-v2
+
+A real fleet (SmolLM2-135M adapters to the real v2 and to another family; each training at the real-model
+settings, the students too):
+
+    python benchmarks/upgrade_fleet.py --model smollm2 --tasks sarcasm,ner_finance --targets smollm2-135m-v2,qwen2.5-coder-0.5b \
+        --steps 150 --train-args module.lr=6e-4 task.batch_size=8 --upgrade student.module_kwargs.lr=6e-4 \
+        --out benchmarks/results/upgrade_fleet_real
 """
 
 from __future__ import annotations
@@ -31,8 +40,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from harness import mean_std  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from lightning_peft.upgrade import UpgradeConfig  # noqa: E402
+from lightning_peft.upgrade.student_check import PassLine, passes  # noqa: E402
 
 RESULTS = ROOT / "results"
+CONF = ROOT.parent / "conf"
+DEFAULTS = UpgradeConfig(adapters="-", new="-")  # what `lightning-peft upgrade` decides with when told nothing
+ROUTE_ORDER = tuple(DEFAULTS.routes)  # the routes in the order it tries them
 
 
 def cli(*args: str) -> None:
@@ -109,10 +125,10 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 
 def correlations(points: list[dict[str, Any]]) -> dict[str, tuple[float | None, int]]:
     """Each score's rank correlation with relative token accuracy, and over how many candidates: all, and across
-    families (``qwen2`` targets of the llama fleet) alone."""
+    families (targets of another family than the fleet's base) alone."""
     out = {}
     for key in ("agreement", "kl", "fidelity"):
-        for name, subset in (("", points), (" across families", [p for p in points if p["target"].startswith("qwen2")])):
+        for name, subset in (("", points), (" across families", [p for p in points if p["cross_family"]])):
             have = [p for p in subset if p.get(key) is not None]
             out[key + name] = (spearman([p[key] for p in have], [p["relative_acc"] for p in have]), len(have))
     return out
@@ -129,12 +145,42 @@ def calibrate_kl(points: list[dict[str, Any]], goal: float) -> float | None:
 
 
 
+def family(model: str) -> str:
+    """``llama-v2`` -> ``llama``, ``qwen2.5-coder-0.5b`` -> ``qwen2.5``: models of one family share a vocabulary."""
+    return model.split("-")[0]
+
+
+def describe(lines: list[PassLine]) -> str:
+    """``agreement >= 0.8 or kl <= 0.26``: pass lines as text."""
+    return " or ".join(f"{key} {'>=' if sign > 0 else '<='} {target}" for key, target, sign in lines)
+
+
+def route_of(row: dict[str, Any], lines: list[PassLine]) -> str:
+    """The route ``lightning-peft upgrade`` takes with these pass lines: the first that passes, else ``needs_data``."""
+    return next((route for route in ROUTE_ORDER if route in row and any(passes(row[route], line) for line in lines)),
+                "needs_data")
+
+
+def decisions(rows: list[dict[str, Any]], lines: list[PassLine], goal: float) -> dict[str, Any]:
+    """How right a decision rule is against real accuracy: of the routes it takes, how many keep >= ``goal`` of the
+    source's accuracy (precision); of the candidates that keep it, how many it lets pass (recall, per candidate) and
+    of the adapters with such a candidate, how many get a route (per adapter)."""
+    taken = [r[route] for r in rows if (route := route_of(r, lines)) != "needs_data"]
+    good = [r[route] for r in rows for route in ROUTE_ORDER if route in r and r[route]["relative_acc"] >= goal]
+    adapters = [r for r in rows if any(route in r and r[route]["relative_acc"] >= goal for route in ROUTE_ORDER)]
+    return {"taken": len(taken), "taken_good": sum(c["relative_acc"] >= goal for c in taken),
+            "good": len(good), "good_passed": sum(any(passes(c, line) for line in lines) for c in good),
+            "adapters_good": len(adapters), "adapters_good_routed": sum(route_of(r, lines) != "needs_data" for r in adapters)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="arithmetic,data2text,sql")
     parser.add_argument("--methods", default="lora,shira")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--targets", default="llama-v2,llama-v2-major,qwen2-v1")
+    parser.add_argument("--model", default="llama", help="the fleet's model config (conf/model/NAME.yaml: its base)")
+    parser.add_argument("--train-args", nargs="*", default=[], help="extra overrides of every training (fleet, Fine-tune_n)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--num-train", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=128)
@@ -147,20 +193,23 @@ def main() -> None:
     args = parser.parse_args()
     tasks, methods, targets = args.tasks.split(","), args.methods.split(","), args.targets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    common = [f"trainer.max_steps={args.steps}", f"task.num_train={args.num_train}", f"task.num_test={args.num_test}"]
+    common = [f"trainer.max_steps={args.steps}", f"task.num_train={args.num_train}", f"task.num_test={args.num_test}",
+              *args.train_args]
+    source_base = OmegaConf.load(CONF / "model" / f"{args.model}.yaml").name_or_path
     fleet = args.work / "fleet"
     sources: dict[str, dict[str, Any]] = {}
     for task in tasks:
         for method in methods:
             for seed in seeds:
                 name = f"{task}-{method}-s{seed}"
-                r = train(fleet / name, "experiment=translora_source", f"task={task}", f"method={method}", f"seed={seed}",
+                r = train(fleet / name, "experiment=translora_source", f"model={args.model}", f"task={task}", f"method={method}", f"seed={seed}",
                           *common)
                 sources[name] = {"task": task, "method": method, "seed": seed, "acc": r["metrics"]["test/token_acc"],
                                  "loss": r["metrics"]["test/loss"]}
     rows: list[dict[str, Any]] = []
     for target in targets:
-        model = "qwen2" if target.startswith("qwen2") else "llama"
+        model = next((m for m in ("llama", "qwen2", "smollm2") if target.startswith(m + "-")), None)  # a zoo family, else any HF model
+        model_args = [f"model={model or 'hf'}", f"model.name_or_path={target}"]
         upgrade_dir = args.work / "upgrade" / target
         if not (upgrade_dir / "upgraded" / "upgrade_report.json").is_file():
             # every candidate scored and trained to the end (no threshold, no early stop, no budget): the calibration
@@ -170,10 +219,11 @@ def main() -> None:
         for name, src in sources.items():
             task = src["task"]
             done = report[f"{name}__adapter"]
-            row = {"adapter": name, "target": target, **src, "seconds": done["seconds"], "timings": done.get("timings")}
+            row = {"adapter": name, "target": target, "cross_family": family(target) != family(source_base), **src,
+                   "seconds": done["seconds"], "timings": done.get("timings")}
             bare = evaluate(None, target, task, args.num_test, args.work / "eval" / target / f"bare-{task}.json")
-            fine = train(args.work / "fine_tune_n" / target / name, f"model={model}", f"model.name_or_path={target}",
-                         f"task={task}", f"method={src['method']}", f"seed={src['seed']}", *common)
+            fine = train(args.work / "fine_tune_n" / target / name, *model_args, f"task={task}", f"method={src['method']}",
+                         f"seed={src['seed']}", *common)
             row.update(bare_acc=bare["token_acc"], fine_tune_n_acc=fine["metrics"]["test/token_acc"])
             for route, score in report[f"{name}__adapter"].get("scores", {}).items():
                 cand = upgrade_dir / "upgraded" / f"{name}__adapter" / "candidates" / route
@@ -186,41 +236,48 @@ def main() -> None:
         rows += [r for r in json.loads(path.read_text())["rows"] if (r["adapter"], r["target"]) not in have]
     points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "fidelity": r[route].get("fidelity"),
                "fidelity_basis": r[route].get("fidelity_basis"), "relative_acc": r[route]["relative_acc"],
-               "route": route, "target": r["target"]} for r in rows for route in ("direct", "translora") if route in r]
+               "route": route, "target": r["target"], "cross_family": r["cross_family"]} for r in rows for route in ("direct", "translora") if route in r]
     threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
     min_fidelity = calibrate(points, args.goal, "fidelity")
-
-    def passes(score: dict[str, Any]) -> bool:  # as `upgrade threshold=<threshold> max_kl=<max_kl>` decides
-        kl = score.get("kl")
-        return score["agreement"] >= threshold or (max_kl is not None and kl is not None and kl <= max_kl)
-
-    for r in rows:  # the routing at the calibrated thresholds: the first route that passes, else needs data
-        taken = next((route for route in ("direct", "translora") if route in r and passes(r[route])), None)
-        r["route"] = taken or "needs_data"
-        r["route_acc"] = r[taken]["acc"] if taken else None
+    default = DEFAULTS.pass_lines()
+    rules = {"defaults (" + describe(default) + ")": default,
+             f"calibrated agreement (threshold={threshold} max_kl={max_kl})":
+                 [("agreement", threshold, 1)] + ([("kl", max_kl, -1)] if max_kl is not None else []),
+             f"calibrated fidelity (score=fidelity min_fidelity={min_fidelity})": [("fidelity", min_fidelity, 1)]}
+    for r in rows:  # the routing with the default settings: the first route that passes, else needs data
+        r["route"] = route_of(r, default)
+        r["route_acc"] = r[r["route"]]["acc"] if r["route"] != "needs_data" else None
+    quality = {name: decisions(rows, lines, args.goal) for name, lines in rules.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"threshold": threshold, "max_kl": max_kl, "goal": args.goal,
-                                                        "min_fidelity": min_fidelity, "rows": rows, "points": points},
+                                                        "min_fidelity": min_fidelity, "decisions": quality, "rows": rows,
+                                                        "points": points},
                                                        indent=2))
-    text = markdown(rows, points, threshold, max_kl, args.goal, min_fidelity)
+    text = markdown(rows, points, threshold, max_kl, args.goal, min_fidelity, quality)
     args.out.with_suffix(".md").write_text(text)
-    plot(rows, points, threshold, args.out.with_suffix(".png"))
+    plot(rows, points, {"agreement": threshold, "fidelity": min_fidelity}, args.out.with_suffix(".png"))
     print(text)
 
 
 def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, max_kl: float | None,
-             goal: float, min_fidelity: float | None = None) -> str:
+             goal: float, min_fidelity: float | None, quality: dict[str, dict[str, Any]]) -> str:
     with_kl = sum(p.get("kl") is not None for p in points)
     corr = ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'} (n={n})" for k, (v, n) in correlations(points).items())
-    lines = ["# Fleet upgrade on the zoo (`python benchmarks/upgrade_fleet.py`)", "",
+    lines = ["# Fleet upgrade (`python benchmarks/upgrade_fleet.py`)", "",
              f"Calibrated threshold: agreement >= {threshold} (every candidate above it keeps >= {goal} of its source "
              f"adapter's token accuracy; {len(points)} candidates).", "",
              f"Calibrated max_kl: token-level KL <= {max_kl} (every candidate below it keeps >= {goal}; {with_kl} "
              "candidates share the old base's vocabulary). The taken route uses both, as `lightning-peft upgrade "
              f"threshold={threshold} max_kl={max_kl}` would.", "",
-             f"Calibrated min_fidelity (`score=fidelity`): fidelity >= {min_fidelity} (not used by the taken route "
-             "below).", "",
+             f"Calibrated min_fidelity (`score=fidelity`): fidelity >= {min_fidelity}.", "",
              f"Rank correlation (Spearman) of each score with relative token accuracy: {corr}.", "",
+             f"Decisions against real accuracy (a route is right when it keeps >= {goal} of the source's token accuracy; "
+             "the calibrated rules are fitted on these same candidates, the defaults are not):", "",
+             "| rule | routes taken | right (precision) | candidates >= goal passed (recall) | adapters >= goal routed |",
+             "|---|---|---|---|---|",
+             *(f"| {name} | {q['taken']} | {q['taken_good']}/{q['taken']} | {q['good_passed']}/{q['good']} | "
+               f"{q['adapters_good_routed']}/{q['adapters_good']} |" for name, q in quality.items()), "",
+             "The taken route below is the defaults'.", "",
              "Token accuracy on the target's real test split, mean ± std over seeds:", "",
              "| target | task | method | n | source (on v1) | bare target | direct reuse | Trans-LoRA | taken route | "
              "Fine-tune_n | routes (direct / translora / needs data) | agreement direct / translora | s per adapter |",
@@ -240,24 +297,28 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold: float, path: Path) -> None:
+def plot(rows: list[dict[str, Any]], points: list[dict[str, Any]], lines: dict[str, float | None], path: Path) -> None:
+    """Each score (``lines``: score -> its calibrated line) against relative real accuracy, then the routes' accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = {"llama-v2": "o", "llama-v2-major": "s", "qwen2-v1": "^"}
-    for route, colour in (("direct", "tab:green"), ("translora", "tab:blue")):
-        for target, marker in markers.items():
-            pts = [p for p in points if p["route"] == route and p["target"] == target]
-            ax.scatter([p["agreement"] for p in pts], [p["relative_acc"] for p in pts], c=colour, marker=marker,
-                       label=f"{route} -> {target}", alpha=0.7)
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold}")
-    ax.set_xlabel("data-free agreement with old base + old adapter")
-    ax.set_ylabel("real test token accuracy / source adapter's")
-    ax.set_title("calibration: agreement vs real accuracy")
-    ax.legend(fontsize=6)
+    fig, axes = plt.subplots(1, len(lines) + 1, figsize=(6 * (len(lines) + 1), 4.5))
+    for ax, (key, line) in zip(axes, lines.items()):
+        for route, colour in (("direct", "tab:green"), ("translora", "tab:blue")):
+            for target in dict.fromkeys(p["target"] for p in points):
+                pts = [p for p in points if p["route"] == route and p["target"] == target and p.get(key) is not None]
+                ax.scatter([p[key] for p in pts], [p["relative_acc"] for p in pts], c=colour,
+                           marker="^" if target.startswith("qwen") else "s" if "major" in target else "o",
+                           label=f"{route} -> {target}", alpha=0.7)
+        if line is not None:
+            ax.axvline(line, color="black", linestyle="--", linewidth=0.8, label=f"calibrated {line}")
+        ax.set_xlabel(f"data-free {key} (old base + old adapter as the reference)")
+        ax.set_ylabel("real test token accuracy / source adapter's")
+        ax.set_title(f"calibration: {key} vs real accuracy")
+        ax.legend(fontsize=6)
+    bx = axes[-1]
     labels, series = [], {k: [] for k in ("bare", "direct", "translora", "fine_tune_n")}
     for target in dict.fromkeys(r["target"] for r in rows):
         for task in dict.fromkeys(r["task"] for r in rows):
