@@ -112,23 +112,32 @@ def _train(model: str, task: str, args, seed: int, examples: list[Example] | Non
 
 
 def _source(src: str, task: str, seed: int, args, work: Path) -> tuple[Path, dict[str, float]]:
-    """The source adapter and, from the same fit, its discriminator (the only use of the task data)."""
+    """The source adapter and, from the same fit, its discriminator (the only use of the task data); kept in
+    ``work`` (a rerun tests a finished pair again instead of training it)."""
     folder = work / f"{src}-{task}-{seed}"
-    disc = transfer.TransLoRADiscriminator(folder / "adapter-discriminator", num_real=min(128, args.train),
+    adapter, disc_path = folder / "adapter", folder / "adapter-discriminator"
+    disc = transfer.TransLoRADiscriminator(disc_path, num_real=min(128, args.train),
                                            num_seeds=NUM_SEEDS.get(task, 5),
                                            max_steps=args.disc_steps, seed=seed, anchor_format=args.anchor,
                                            trainer_kwargs={"enable_progress_bar": False})
-    module, metrics = _train(src, task, args, seed, callbacks=(disc,))
+    if adapter.is_dir() and disc_path.is_dir():
+        module = _module(src, args)
+        module.configure_model()
+        lp.load_adapter(module, adapter)
+        metrics = _test(module, task, src, args)
+    else:
+        module, metrics = _train(src, task, args, seed, callbacks=(disc,))
+        lp.save_adapter(module, adapter)
     # how much of the real test inputs the discriminator lets through (its synthetic acceptance
     # means little without this)
     scorer = _module(src, args)
     scorer.configure_model()
-    lp.load_adapter(scorer, disc.path)
+    lp.load_adapter(scorer, disc_path)
     real = [e.prompt for e in get_task(task, tokenizer=src, num_train=8, num_val=0, num_test=args.test)
             .get_examples()["test"]]
     margins = transfer.completion_margins(scorer.model, scorer.tokenizer, real, task)
     metrics["disc_real_acceptance"] = float((margins > 0).float().mean())
-    return lp.save_adapter(module, folder / "adapter"), metrics
+    return adapter, metrics
 
 
 def one_run(src: str, tgt: str, task: str, seed: int, args, work: Path, sources: dict) -> dict:

@@ -22,7 +22,8 @@ __all__ = ["ModelLoader"]
 
 
 class ModelLoader:
-    """Loads causal LMs by name, in eval mode, with their tokenizer.
+    """Loads causal LMs by name (:func:`lightning_peft.zoo.load`: float32 unless ``dtype=``), in eval mode, with their
+    tokenizer.
 
     Args:
         keep: How many bases to keep loaded for later calls (``0``: load every time; ``2``: an old and a
@@ -60,8 +61,6 @@ class ModelLoader:
         return model.eval(), tok
 
     def _base(self, name: str) -> tuple[nn.Module, Any]:
-        from transformers import AutoModelForCausalLM
-
         from lightning_peft import zoo
 
         if name in self._kept:
@@ -70,8 +69,7 @@ class ModelLoader:
         if self.tokenizer:
             model, tok = zoo.load(name, **self.kwargs)
         else:
-            model, tok = AutoModelForCausalLM.from_pretrained(zoo.resolve(name), **self.kwargs), None
-        model.eval()
+            model, tok = zoo.load_model(name, **self.kwargs), None
         if self.keep:
             self._kept = {**dict(list(self._kept.items())[-(self.keep - 1):] if self.keep > 1 else []), name: (model, tok)}
             return copy.deepcopy(model), tok

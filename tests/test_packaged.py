@@ -234,3 +234,19 @@ def test_causal_lm_module_trains_a_bf16_folder_in_float32_unless_told(tiny_gguf)
         module = CausalLMModule(spec.name, torch_dtype=dtype)
         module.configure_model()
         assert module.model.dtype == expected, dtype
+
+
+def test_the_loaders_of_transfer_upgrade_and_analysis_read_a_bf16_folder_in_float32_unless_told(tiny_gguf) -> None:
+    """The generator, discriminator, teacher, fleet check and drift analysis score in the trained module's float32
+    (in the stored bf16 they ran several times slower on a CPU without native bf16, and scored another model)."""
+    from lightning_peft.analysis.evaluation import load_base
+    from lightning_peft.model_loader import ModelLoader
+
+    _, spec = tiny_gguf
+    zoo.resolve(spec.name)  # fetched in the default bfloat16
+    assert zoo.load(spec.name)[0].dtype == torch.float32
+    assert ModelLoader(keep=1).load(spec.name)[0].dtype == torch.float32
+    assert ModelLoader(tokenizer=False).load(spec.name)[0].dtype == torch.float32
+    assert load_base(spec.name).dtype == torch.float32
+    assert ModelLoader(dtype=torch.bfloat16).load(spec.name)[0].dtype == torch.bfloat16
+    assert not zoo.load_model(spec.name).training

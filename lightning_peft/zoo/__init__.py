@@ -46,7 +46,7 @@ Example:
     'Qwen/Qwen2.5-0.5B'
 """
 
-from .builder import build, cache_dir, info, is_built, load, model_dir, resolve
+from .builder import build, cache_dir, info, is_built, load, load_model, model_dir, resolve
 from .corpus import corpus, fact_prompts
 from .packaged import PACKAGED, PackagedModel, fetch, fetched_dir, is_packaged_name, packaged_dir
 from .real_update import REAL_UPDATES, RealUpdate, build_real_update, is_real_update
@@ -76,6 +76,7 @@ __all__ = [
     "is_real_update",
     "is_zoo_name",
     "load",
+    "load_model",
     "make_world",
     "model_dir",
     "names",

@@ -239,25 +239,30 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
     return value
 
 
-def load(
-    name: str | os.PathLike[str], **from_pretrained_kwargs: Any
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a zoo model (built on demand) or any local/Hub model, with its tokenizer.
+def load_model(name: str | os.PathLike[str], **from_pretrained_kwargs: Any) -> PreTrainedModel:
+    """A zoo model (built on demand) or any local/Hub causal LM, in eval mode and in float32 unless
+    ``dtype=`` says otherwise, as :class:`~lightning_peft.CausalLMModule` loads it (transformers 5 would load a
+    checkpoint's stored dtype: the packaged real ones are stored in bf16, which a CPU without native bf16 runs
+    several times slower, and whose scores would not be the trained module's).
 
     Args:
         name: Zoo name, local folder or Hub name (see `resolve`).
         **from_pretrained_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``
             (e.g. ``dtype=torch.bfloat16``).
-
-    Returns:
-        ``(model, tokenizer)``; the model is in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = resolve(name)
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    kwargs = {"dtype": torch.float32, **from_pretrained_kwargs}
+    return AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs).eval()
+
+
+def load(
+    name: str | os.PathLike[str], **from_pretrained_kwargs: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` and its tokenizer: ``(model, tokenizer)``, the model in eval mode."""
+    from transformers import AutoTokenizer
+
+    return load_model(name, **from_pretrained_kwargs), AutoTokenizer.from_pretrained(resolve(name))
 
 
 def info(name: str) -> dict[str, Any]:
