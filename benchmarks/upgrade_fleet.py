@@ -236,7 +236,7 @@ def main() -> None:
         rows += [r for r in json.loads(path.read_text())["rows"] if (r["adapter"], r["target"]) not in have]
     points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "fidelity": r[route].get("fidelity"),
                "fidelity_basis": r[route].get("fidelity_basis"), "relative_acc": r[route]["relative_acc"],
-               "route": route, "target": r["target"], "cross_family": r["cross_family"]} for r in rows for route in ("direct", "translora") if route in r]
+               "route": route, "target": r["target"], "cross_family": r["cross_family"]} for r in rows for route in ROUTE_ORDER if route in r]
     threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
     min_fidelity = calibrate(points, args.goal, "fidelity")
     default = DEFAULTS.pass_lines()
@@ -267,7 +267,7 @@ def markdown(rows: list[dict[str, Any]], points: list[dict[str, Any]], threshold
              f"Calibrated threshold: agreement >= {threshold} (every candidate above it keeps >= {goal} of its source "
              f"adapter's token accuracy; {len(points)} candidates).", "",
              f"Calibrated max_kl: token-level KL <= {max_kl} (every candidate below it keeps >= {goal}; {with_kl} "
-             "candidates share the old base's vocabulary). The taken route uses both, as `lightning-peft upgrade "
+             "candidates share the old base's vocabulary). The calibrated agreement rule below uses both, as `lightning-peft upgrade "
              f"threshold={threshold} max_kl={max_kl}` would.", "",
              f"Calibrated min_fidelity (`score=fidelity`): fidelity >= {min_fidelity}.", "",
              f"Rank correlation (Spearman) of each score with relative token accuracy: {corr}.", "",
