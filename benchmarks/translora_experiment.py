@@ -85,8 +85,13 @@ def _module_kwargs(args, lr: float | None = None) -> dict:
     return {**MODULE_KW, "lr": lr or args.lr, "max_new_tokens": args.max_new_tokens}
 
 
-def _module(model: str, args, lr: float | None = None) -> CausalLMModule:
-    return CausalLMModule(model=model, **_module_kwargs(args, lr))
+def _module(model: str, args, lr: float | None = None, adapter: Path | None = None) -> CausalLMModule:
+    """A CausalLMModule on ``model``; with ``adapter``: built, that adapter loaded."""
+    module = CausalLMModule(model=model, **_module_kwargs(args, lr))
+    if adapter is not None:
+        module.configure_model()
+        lp.load_adapter(module, adapter)
+    return module
 
 
 def _train(model: str, task: str, args, seed: int, examples: list[Example] | None = None,
@@ -121,18 +126,14 @@ def _source(src: str, task: str, seed: int, args, work: Path) -> tuple[Path, dic
                                            max_steps=args.disc_steps, seed=seed, anchor_format=args.anchor,
                                            trainer_kwargs={"enable_progress_bar": False})
     if adapter.is_dir() and disc_path.is_dir():
-        module = _module(src, args)
-        module.configure_model()
-        lp.load_adapter(module, adapter)
+        module = _module(src, args, adapter=adapter)
         metrics = _test(module, task, src, args)
     else:
         module, metrics = _train(src, task, args, seed, callbacks=(disc,))
         lp.save_adapter(module, adapter)
     # how much of the real test inputs the discriminator lets through (its synthetic acceptance
     # means little without this)
-    scorer = _module(src, args)
-    scorer.configure_model()
-    lp.load_adapter(scorer, disc_path)
+    scorer = _module(src, args, adapter=disc_path)
     real = [e.prompt for e in get_task(task, tokenizer=src, num_train=8, num_val=0, num_test=args.test)
             .get_examples()["test"]]
     margins = transfer.completion_margins(scorer.model, scorer.tokenizer, real, task)

@@ -208,8 +208,8 @@ def main() -> None:
                                  "loss": r["metrics"]["test/loss"]}
     rows: list[dict[str, Any]] = []
     for target in targets:
-        model = next((m for m in ("llama", "qwen2", "smollm2") if target.startswith(m + "-")), None)  # a zoo family, else any HF model
-        model_args = [f"model={model or 'hf'}", f"model.name_or_path={target}"]
+        model = family(target) if (CONF / "model" / f"{family(target)}.yaml").is_file() else "hf"  # else any HF model
+        model_args = [f"model={model}", f"model.name_or_path={target}"]
         upgrade_dir = args.work / "upgrade" / target
         if not (upgrade_dir / "upgraded" / "upgrade_report.json").is_file():
             # every candidate scored and trained to the end (no threshold, no early stop, no budget): the calibration

@@ -29,7 +29,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from lightning_peft.metrics import ExactMatch, RougeL, normalize_whitespace
 from lightning_peft.tasks.data import IGNORE_INDEX
@@ -132,14 +132,11 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         path = zoo.resolve(hp.model)
         kwargs = dict(hp.model_kwargs or {})
-        # None is float32, as documented: transformers 5 would otherwise load a bf16 folder in bf16
-        # ("auto"), so a `32-true` or `bf16-mixed` run would silently train on bf16 weights.
-        dtype = hp.torch_dtype or "float32"
-        if "torch_dtype" not in kwargs:  # transformers' older name for it, given through model_kwargs
-            kwargs.setdefault("dtype", dtype if dtype == "auto" else getattr(torch, dtype))
+        if hp.torch_dtype is not None and "torch_dtype" not in kwargs:  # None: zoo.load_model's float32
+            kwargs.setdefault("dtype", hp.torch_dtype if hp.torch_dtype == "auto" else getattr(torch, hp.torch_dtype))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(zoo.resolve(hp.tokenizer) if hp.tokenizer else path)
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = zoo.load_model(path, **kwargs)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"model must name a loadable causal LM, got {hp.model!r} (resolved to {path!r}); use a zoo name "

@@ -252,7 +252,9 @@ def load_model(name: str | os.PathLike[str], **from_pretrained_kwargs: Any) -> P
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.float32, **from_pretrained_kwargs}
+    kwargs = dict(from_pretrained_kwargs)
+    if "torch_dtype" not in kwargs:  # transformers' older name for it
+        kwargs.setdefault("dtype", torch.float32)
     return AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs).eval()
 
 
