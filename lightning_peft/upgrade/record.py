@@ -73,7 +73,7 @@ class UpgradeRecord(L.Callback):
         dm = trainer.datamodule
         hparams = getattr(pl_module, "hparams", {}) or {}
         base = hparams.get("model") if isinstance(hparams.get("model"), str) else None
-        seconds = None if self._fit_start is None else round(time.perf_counter() - self._fit_start, 1)
+        seconds = None if self._fit_start is None else round(time.perf_counter() - self._fit_start, 3)  # ms: a short fit is not 0
         if not isinstance(dm, PromptCompletionDataModule):
             self.record = AdapterRecord(task=self.task_name, base=base, train_seconds=seconds)
             return
