@@ -339,6 +339,61 @@ def test_a_generator_out_of_budget_leaves_the_check_on_the_seeds_and_no_student(
     assert row["route"] == "needs_data" and "too few to train a student on; raise synthesis.max_proposed" in row["reason"]
 
 
+def _trainer_test_token_acc(base: str, adapter: Path, num_test: int) -> float:
+    """The reference: Lightning's ``trainer.test`` of a CausalLMModule with ``adapter`` loaded onto ``base``."""
+    import warnings
+
+    module = CausalLMModule(base, max_new_tokens=2)
+    module.configure_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lp.BaseModelMismatchWarning)
+        lp.load_adapter(module, adapter)
+    (metrics,) = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        module, get_task("arithmetic", tokenizer=base, max_length=64, num_train=8, num_val=0, num_test=num_test),
+        verbose=False)
+    return metrics["test/token_acc"]
+
+
+def test_a_calibration_run_reports_real_test_accuracy_as_lightnings_test_measures_it(fleet: Path, tmp_path: Path) -> None:
+    from lightning_peft.upgrade.calibration import test_accuracy
+
+    lora = fleet / "team-a" / "lora"
+    module = CausalLMModule("llama-micro-v1")
+    module.configure_model()
+    lp.load_adapter(module, lora)
+    measured = test_accuracy(module.model, module.tokenizer, "arithmetic", 6, {"max_length": 64})
+    assert measured["token_acc"] == pytest.approx(_trainer_test_token_acc("llama-micro-v1", lora, 6), abs=1e-6)
+    assert module.model.training  # left as it was
+
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["direct"], threshold=1.0,
+                        num_test=6, out=str(tmp_path / "out"), keep_candidates=True, **QUICK)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    direct = row["scores"]["direct"]
+    assert row["source_test_acc"] == pytest.approx(measured["token_acc"], abs=1e-6)  # the old adapter on the old base
+    reuse = _trainer_test_token_acc("llama-micro-v2", tmp_path / "out" / "lora" / "candidates" / "direct", 6)
+    assert direct["test_acc"] == pytest.approx(reuse, abs=1e-6)
+    assert direct["relative_acc"] == pytest.approx(reuse / measured["token_acc"])
+    assert row["route"] == "needs_data" and "test_acc" not in row and "calibration" in row["timings"]
+    md = write_report([row, {**row, "adapter": "taken", "route": "direct", "test_acc": 0.5, "relative_acc": 0.8}],
+                      tmp_path / "report")["md"].read_text()
+    assert "| real test accuracy: route (x source) / source |" in md
+    assert f"| - / {row['source_test_acc']:.3f} |" in md and f"| 0.500 (0.80x) / {row['source_test_acc']:.3f} |" in md
+    assert "real test accuracy" not in write_report([{**row, "source_test_acc": None}], tmp_path / "plain")["md"].read_text()
+    assert "num_test" in cfg.settings() and "num_test" not in UpgradeConfig(adapters=".", new="x").settings()
+
+
+def test_a_calibration_run_names_an_adapter_without_a_task(fleet: Path, tmp_path: Path) -> None:
+    root = _copy(fleet, tmp_path)
+    record = root / "team-a" / "lora" / "upgrade.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "task": None}))  # seeds but no task
+    cfg = UpgradeConfig(adapters=str(root / "team-a"), new="llama-micro-v2", routes=["direct"], num_test=4,
+                        out=str(tmp_path / "out"), **QUICK)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert row["route"] == "failed" and "records no task" in row["reason"] and "num_test=0" in row["reason"]
+    with pytest.raises(ValueError, match=r"num_test .* must be an integer >= 0, got -1; e.g. num_test=128"):
+        UpgradeConfig(adapters=".", new="x", num_test=-1)
+
+
 def test_shards_split_the_fleet(fleet: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fleet_mod, "upgrade_adapter", lambda folder, cfg, target, bases: {"route": "direct"})
     shards = [[r["adapter"] for r in upgrade_fleet(UpgradeConfig(adapters=str(fleet), new="llama-micro-v2", shard=i,

@@ -57,6 +57,10 @@ class UpgradeConfig:
             it is stopped once its projected final score misses every pass line (0: never checked, trained to the end).
         keep_candidates: Also save every scored candidate, taken or not, to ``<out>/<name>/candidates/<route>``
             (to inspect a rejected one, or to calibrate ``threshold`` against real test data).
+        num_test: A calibration run (``> 0``; needs the task data): also measure the real token accuracy of the old
+            adapter on the old base and of every candidate on the new base, on the first ``num_test`` test examples
+            of the task each adapter recorded (:mod:`.calibration`); the report shows it beside the scores. 0: none
+            (an upgrade needs no task data).
         redo_changed: Redo adapters upgraded into ``out`` before with other settings (default: refuse,
             naming the settings that differ).
         shard: This job's shard of the fleet, in ``[0, num_shards)`` (``None``: the whole fleet).
@@ -82,6 +86,7 @@ class UpgradeConfig:
     time_budget: float | None = 3600.0
     student_checks: int = 3
     keep_candidates: bool = False
+    num_test: int = 0
     redo_changed: bool = False
     shard: int | None = None
     num_shards: int = 1
@@ -112,6 +117,9 @@ class UpgradeConfig:
         if isinstance(self.student_checks, bool) or not isinstance(self.student_checks, int) or self.student_checks < 0:
             raise ValueError(f"upgrade student_checks must be an integer >= 0 (0: no checks), got "
                              f"{self.student_checks!r}; e.g. student_checks=3")
+        if isinstance(self.num_test, bool) or not isinstance(self.num_test, int) or self.num_test < 0:
+            raise ValueError(f"upgrade num_test (test examples of a calibration run) must be an integer >= 0, got "
+                             f"{self.num_test!r}; e.g. num_test=128 (0: no test data)")
         for name in ("num_holdout", "max_synthetic"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"upgrade {name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -128,4 +136,6 @@ class UpgradeConfig:
         keep = asdict(self)
         for volatile in ("adapters", "out", "shard", "num_shards", "redo_changed"):
             keep.pop(volatile)
+        if not keep["num_test"]:  # not a calibration run: the settings (and resumes) of before num_test existed
+            keep.pop("num_test")
         return json.loads(json.dumps(keep, sort_keys=True, default=str))

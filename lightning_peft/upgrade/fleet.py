@@ -48,6 +48,7 @@ from lightning_peft.registry import spec_for_peft_type
 from lightning_peft.resume import FinishedFile
 from lightning_peft.transfer.models import greedy_completions
 from lightning_peft.upgrade.agreement import agreement
+from lightning_peft.upgrade.calibration import test_accuracy
 from lightning_peft.upgrade.config import SETTING_OF, UpgradeConfig
 from lightning_peft.upgrade.fidelity import fidelity
 from lightning_peft.upgrade.routes import ROUTES, Candidate, RouteContext, RouteSkipped
@@ -176,6 +177,9 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
     scores: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     spent = {"method": method, "old": old, "new": cfg.new, "retrain_seconds": record.train_seconds}
+    source_acc = _test_accuracy(reference, ref_tok, context)  # a calibration run only
+    if source_acc is not None:
+        spent["source_test_acc"] = source_acc
     for route in cfg.routes:
         if budget.expired():
             reasons.append(f"{route}: not tried, the time budget of {budget.limit:g} s ran out during {budget.ran_out}")
@@ -186,13 +190,17 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
             reasons.append(f"{route}: {exc}")
             continue
         scores[route] = score = check(candidate.model, candidate.tokenizer)
+        if source_acc is not None:
+            acc = _test_accuracy(candidate.model, candidate.tokenizer, context)
+            score.update(test_acc=acc, relative_acc=acc / source_acc if source_acc else None)
         if cfg.keep_candidates:
             _save(candidate, target / "candidates" / route, route, score, context)
         failed = _fails(score, cfg.pass_lines())
         if failed is None:
             output = _save(candidate, target / "adapter", route, score, context)
+            real = {k: score[k] for k in ("test_acc", "relative_acc") if k in score}  # a calibration run's
             return {"route": route, "agreement": score["agreement"], "fidelity": score["fidelity"], "scores": scores,
-                    **spent, "output": str(output), "reason": None, **_timings(budget)}
+                    **spent, **real, "output": str(output), "reason": None, **_timings(budget)}
         reasons.append(f"{route}: {failed}")
     best = {key: max((s[key] for s in scores.values() if s[key] is not None), default=None)
             for key in ("agreement", "fidelity")}
@@ -203,6 +211,23 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
 def _timings(budget: TimeBudget) -> dict[str, Any]:
     """What a report row says of the time spent: seconds per phase, and the phase the budget ran out in (if it did)."""
     return {"timings": budget.summary(), "budget_ran_out": budget.ran_out}
+
+
+def _test_accuracy(model: nn.Module, tokenizer: Any, context: RouteContext) -> float | None:
+    """A calibration run's real test token accuracy of ``model`` on the adapter's recorded task (``None``: not one).
+
+    Raises:
+        ValueError: the adapter recorded no task.
+    """
+    cfg, record = context.cfg, context.record
+    if not cfg.num_test:
+        return None
+    if not record.task:
+        raise ValueError(f"num_test={cfg.num_test} measures each adapter on its recorded task's test split, but "
+                         f"{context.folder} records no task; save it with UpgradeRecord (lightning-peft train does) or "
+                         "run the upgrade with num_test=0")
+    with context.budget.phase("calibration"):
+        return test_accuracy(model, tokenizer, record.task, cfg.num_test, record.task_kwargs)["token_acc"]
 
 
 def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],

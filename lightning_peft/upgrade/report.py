@@ -2,10 +2,12 @@
 
 ``upgrade_report.json`` is a list of ``{adapter, route, agreement, fidelity, seconds, output, ...}`` rows,
 one per adapter (with ``retrain_seconds``, what its own training took, and ``timings``, the seconds spent on
-synthesis, labelling, student and scoring): ``agreement`` and ``fidelity`` are the taken candidate's (else the best of the scored
-ones), and ``scores`` holds every scored candidate's scores by route (agreement, exact, kl; fidelity,
+synthesis, labelling, student and scoring): ``agreement`` and ``fidelity`` are the taken candidate's (else the best
+of the scored ones), and ``scores`` holds every scored candidate's scores by route (agreement, exact, kl; fidelity,
 its basis, both of its forms and the per-byte log-likelihoods behind them:
-:class:`~lightning_peft.upgrade.fidelity.Fidelity`). ``lightning-peft upgrade-report DIR`` merges
+:class:`~lightning_peft.upgrade.fidelity.Fidelity`). A calibration run (``num_test > 0``) adds the real test token
+accuracy: ``source_test_acc`` (the old adapter on the old base), each candidate's ``test_acc`` and ``relative_acc``
+(in ``scores``) and the taken route's (in the row). ``lightning-peft upgrade-report DIR`` merges
 every ``upgrade_report.json`` below ``DIR`` (the jobs of a ``lightning-peft upgrade -m shard=...`` sweep) into one report in ``DIR``.
 """
 
@@ -24,7 +26,7 @@ __all__ = ["REPORT", "COLUMNS", "log_report", "merge_reports", "write_report"]
 
 REPORT = "upgrade_report"
 COLUMNS = ("adapter", "route", "agreement", "fidelity", "seconds", "output", "method", "old", "new", "reason",
-           "retrain_seconds", "timings", "budget_ran_out")
+           "retrain_seconds", "timings", "budget_ran_out", "test_acc", "relative_acc", "source_test_acc")
 _COLOURS = {"direct": "tab:green", "translora": "tab:blue", "needs_data": "tab:orange", "failed": "tab:red"}
 
 
@@ -39,13 +41,19 @@ def _cell(value: Any) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The report as a markdown table, with the count of each route."""
     counts = Counter(r["route"] for r in rows)
+    real = any(r.get("source_test_acc") is not None for r in rows)  # a calibration run (num_test > 0)
     lines = [f"# Fleet upgrade: {len(rows)} adapters (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")",
-             "", "| adapter | route | agreement | fidelity | seconds | retrain seconds | seconds spent on | method | "
-             "old -> new | output / reason |", "|" + "---|" * 10]
+             "", "| adapter | route | agreement | fidelity | " + ("real test accuracy: route (x source) / source | " if real else "")
+             + "seconds | retrain seconds | seconds spent on | method | old -> new | output / reason |",
+             "|" + "---|" * (11 if real else 10)]
     for r in rows:
         detail = r.get("output") or (r.get("reason") or "").replace("|", "/")
         spent = _cell(r.get("timings")) + (f" (budget ran out in {r['budget_ran_out']})" if r.get("budget_ran_out") else "")
-        lines.append(f"| {r['adapter']} | {r['route']} | {_cell(r.get('agreement'))} | {_cell(r.get('fidelity'))} | "
+        accuracy = ""
+        if real:
+            taken = f"{r['test_acc']:.3f} ({r['relative_acc']:.2f}x)" if r.get("relative_acc") is not None else "-"
+            accuracy = f" {taken} / {_cell(r.get('source_test_acc'))} |"
+        lines.append(f"| {r['adapter']} | {r['route']} | {_cell(r.get('agreement'))} | {_cell(r.get('fidelity'))} |{accuracy} "
                      f"{_cell(r.get('seconds'))} | {_cell(r.get('retrain_seconds'))} | {spent} | "
                      f"{r.get('method') or ''} | {r.get('old') or ''} -> {r.get('new') or ''} | {detail} |")
     return "\n".join(lines) + "\n"
