@@ -33,7 +33,6 @@ import json
 import statistics
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +63,14 @@ def train(run_dir: Path, *overrides: str) -> dict[str, Any]:
 
 
 def evaluate(adapter: Path | None, base: str, task: str, num_test: int, cache: Path) -> dict[str, float]:
-    """Real test loss / token accuracy of ``adapter`` on ``base`` (``None``: the bare base); cached as JSON."""
+    """Real test loss / token accuracy of ``adapter`` on ``base`` (``None``: the bare base), measured as a calibration
+    run of ``lightning-peft upgrade`` measures it (:func:`~lightning_peft.upgrade.calibration.test_accuracy`); cached."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    import lightning as L
+    from lightning_peft.model_loader import ModelLoader
+    from lightning_peft.upgrade.calibration import test_accuracy
 
-    import lightning_peft as lp
-    from lightning_peft.module import CausalLMModule
-    from lightning_peft.tasks import get_task
-
-    module = CausalLMModule(base, max_new_tokens=8)
-    module.configure_model()
-    if adapter is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", lp.BaseModelMismatchWarning)
-            lp.load_adapter(module, adapter)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    (metrics,) = trainer.test(module, get_task(task, tokenizer=base, num_train=8, num_val=0, num_test=num_test), verbose=False)
-    out = {"loss": float(metrics["test/loss"]), "token_acc": float(metrics["test/token_acc"])}
+    out = test_accuracy(*ModelLoader().load(base, adapter, other_base=True), task, num_test)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
     return out
