@@ -46,6 +46,8 @@ from lightning_peft.upgrade.student_check import PassLine, passes  # noqa: E402
 
 RESULTS = ROOT / "results"
 CONF = ROOT.parent / "conf"
+SCORE_KEYS = ("agreement", "kl", "fidelity", "fidelity_seeds", "fidelity_all", "fidelity_kl", "fidelity_ll", "fidelity_acc",
+              "relative_token_acc")
 DEFAULTS = UpgradeConfig(adapters="-", new="-")  # what `lightning-peft upgrade` decides with when told nothing
 ROUTE_ORDER = tuple(DEFAULTS.routes)  # the routes in the order it tries them
 
@@ -76,15 +78,43 @@ def evaluate(adapter: Path | None, base: str, task: str, num_test: int, cache: P
     return out
 
 
-def calibrate(points: list[dict[str, Any]], goal: float, key: str = "agreement") -> float:
-    """Smallest threshold on ``key`` (``agreement`` or ``fidelity``) above which every candidate keeps >= ``goal`` of
-    its source's token accuracy (1.0: none); candidates without that score are left out."""
+def rescore(adapter: Path, source_base: str, target: str, upgraded: Path, routes: list[str], cache: Path) -> dict[str, Any]:
+    """Every kept candidate of one adapter scored again by the current fidelity
+    (:func:`~lightning_peft.upgrade.fleet.check_fidelity`, with the defaults' ``fidelity_on``) on the inputs its upgrade
+    checked (the adapter's seeds, then the held-out synthetic inputs its synthetic set begins with, each with the
+    reference's completion), by route; cached as JSON. Scores change, the candidates need not."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from lightning_peft.adapter_folder import AdapterFolder
+    from lightning_peft.model_loader import ModelLoader
+    from lightning_peft.transfer.models import greedy_completions
+    from lightning_peft.transfer.provenance import SyntheticSet
+    from lightning_peft.upgrade.fleet import check_fidelity
+
+    loader = ModelLoader(keep=2)
+    reference, ref_tok = loader.load(source_base, adapter)
+    seeds = AdapterFolder(adapter).record.seeds
+    synthetic = upgraded / "synthetic.jsonl"
+    holdout = SyntheticSet.load(synthetic).accepted[: DEFAULTS.num_holdout] if synthetic.is_file() else []
+    inputs = list(seeds) + [r["input"] for r in holdout]
+    outputs = greedy_completions(reference, ref_tok, seeds, max_new_tokens=DEFAULTS.max_new_tokens, progress=False)
+    outputs += [r["output"] for r in holdout]
+    out = {route: check_fidelity(reference, ref_tok, *loader.load(target, upgraded / "candidates" / route, other_base=True),
+                                 inputs, outputs, len(seeds), DEFAULTS.fidelity_on) for route in routes}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def calibrate(points: list[dict[str, Any]], goal: float, key: str = "agreement") -> float | None:
+    """Smallest threshold on the score ``key`` above which every candidate keeps >= ``goal`` of its source's token
+    accuracy (``None``: no threshold does); candidates without that score are left out."""
     points = [p for p in points if p.get(key) is not None]
     for t in sorted({round(p[key], 3) for p in points}):
         above = [p for p in points if p[key] >= t]
         if above and all(p["relative_acc"] >= goal for p in above):
             return t
-    return 1.0
+    return None
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -116,7 +146,7 @@ def correlations(points: list[dict[str, Any]]) -> dict[str, tuple[float | None, 
     """Each score's rank correlation with relative token accuracy, and over how many candidates: all, and across
     families (targets of another family than the fleet's base) alone."""
     out = {}
-    for key in ("agreement", "kl", "fidelity"):
+    for key in SCORE_KEYS:
         for name, subset in (("", points), (" across families", [p for p in points if p["cross_family"]])):
             have = [p for p in subset if p.get(key) is not None]
             out[key + name] = (spearman([p[key] for p in have], [p["relative_acc"] for p in have]), len(have))
@@ -177,6 +207,8 @@ def main() -> None:
     parser.add_argument("--upgrade", nargs="*", default=[], help="extra `lightning-peft upgrade` overrides")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "upgrade_fleet")
     parser.add_argument("--out", type=Path, default=RESULTS / "upgrade_fleet")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every kept candidate again with the current fidelity (no upgrade is rerun)")
     parser.add_argument("--include", type=Path, nargs="*", default=[],
                         help="earlier upgrade_fleet.json files (same settings) whose rows join the table, e.g. other seeds")
     args = parser.parse_args()
@@ -214,7 +246,12 @@ def main() -> None:
             fine = train(args.work / "fine_tune_n" / target / name, *model_args, f"task={task}", f"method={src['method']}",
                          f"seed={src['seed']}", *common)
             row.update(bare_acc=bare["token_acc"], fine_tune_n_acc=fine["metrics"]["test/token_acc"])
-            for route, score in report[f"{name}__adapter"].get("scores", {}).items():
+            scores = report[f"{name}__adapter"].get("scores", {})
+            if args.rescore and scores:
+                fresh = rescore(fleet / name / "adapter", source_base, target, upgrade_dir / "upgraded" / f"{name}__adapter",
+                                list(scores), args.work / "rescore" / target / f"{name}.json")
+                scores = {route: {**score, **fresh[route]} for route, score in scores.items()}
+            for route, score in scores.items():
                 cand = upgrade_dir / "upgraded" / f"{name}__adapter" / "candidates" / route
                 real = evaluate(cand, target, task, args.num_test, args.work / "eval" / target / f"{name}-{route}.json")
                 row[route] = {**score, "acc": real["token_acc"], "loss": real["loss"],
@@ -223,16 +260,21 @@ def main() -> None:
     have = {(r["adapter"], r["target"]) for r in rows}
     for path in args.include:
         rows += [r for r in json.loads(path.read_text())["rows"] if (r["adapter"], r["target"]) not in have]
-    points = [{"agreement": r[route]["agreement"], "kl": r[route].get("kl"), "fidelity": r[route].get("fidelity"),
+    points = [{**{key: r[route].get(key) for key in SCORE_KEYS},
                "fidelity_basis": r[route].get("fidelity_basis"), "relative_acc": r[route]["relative_acc"],
                "route": route, "target": r["target"], "cross_family": r["cross_family"]} for r in rows for route in ROUTE_ORDER if route in r]
-    threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
+    threshold, max_kl = calibrate(points, args.goal) or 1.0, calibrate_kl(points, args.goal)  # 1.0: route nothing
     min_fidelity = calibrate(points, args.goal, "fidelity")
     default = DEFAULTS.pass_lines()
     rules = {"defaults (" + describe(default) + ")": default,
              f"calibrated agreement (threshold={threshold} max_kl={max_kl})":
                  [("agreement", threshold, 1)] + ([("kl", max_kl, -1)] if max_kl is not None else []),
-             f"calibrated fidelity (score=fidelity min_fidelity={min_fidelity})": [("fidelity", min_fidelity, 1)]}
+             f"calibrated fidelity (score=fidelity min_fidelity={min_fidelity})":
+                 [("fidelity", min_fidelity, 1)] if min_fidelity is not None else []}
+    for key in ("fidelity_acc", "relative_token_acc"):  # the forms reported beside the deciding one
+        if any(p.get(key) is not None for p in points):
+            line = calibrate(points, args.goal, key)
+            rules[f"calibrated {key} >= {line}"] = [(key, line, 1)] if line is not None else []
     for r in rows:  # the routing with the default settings: the first route that passes, else needs data
         r["route"] = route_of(r, default)
         r["route_acc"] = r[r["route"]]["acc"] if r["route"] != "needs_data" else None

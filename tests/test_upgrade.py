@@ -182,7 +182,8 @@ def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeyp
     assert row["route"] == route and tried == (["direct"] if route == "direct" else ["direct", "translora"])
     kept = sorted(p.name for p in (tmp_path / "out" / "lora" / "candidates").iterdir())
     assert kept == sorted(tried)  # every scored candidate, taken or not
-    assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1, **_fidelity(1.0 - s).to_dict()}
+    assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1, **_fidelity(1.0 - s).to_dict(),
+                                 "fidelity_on": "seeds", "fidelity_seeds": 1.0 - s, "fidelity_all": 1.0 - s}
                              for r, s in scores.items() if r in tried}
     if route == "needs_data":
         assert row["output"] is None and "direct: agreement 0.500 < threshold 0.8" in row["reason"]
@@ -235,6 +236,31 @@ def test_route_choice_on_the_fidelity(fleet: Path, tmp_path: Path, monkeypatch, 
     assert (meta["score"], meta["threshold"], meta["min_fidelity"]) == (score, 0.8, 0.8)
 
 
+@pytest.mark.parametrize(("on", "route"), [("seeds", "direct"), ("all", "needs_data")])
+def test_the_fidelity_decides_on_the_seeds_or_on_every_input(fleet: Path, tmp_path: Path, monkeypatch, on: str,
+                                                              route: str) -> None:
+    """The adapter's 3 recorded seeds come first among the check's inputs; ``fidelity_on`` picks which score decides."""
+    _stub_routes(monkeypatch)
+    monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["s1", "s2", "s3", "h1"], ["a", "b", "c", "d"], None))
+    monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.1, 0.0, None, 4))
+    seen: list[list[str]] = []
+
+    def scored(reference, ref_tok, model, tok, prompts, completions, **kwargs) -> Fidelity:
+        seen.append(list(prompts))
+        return _fidelity(0.95 if len(prompts) == 3 else 0.5)
+
+    monkeypatch.setattr(fleet_mod, "fidelity", scored)
+    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
+                        routes=["direct"], score="fidelity", min_fidelity=0.9, fidelity_on=on)
+    (row,) = upgrade_fleet(cfg, progress=False)
+    assert seen == [["s1", "s2", "s3"], ["s1", "s2", "s3", "h1"]]
+    direct = row["scores"]["direct"]
+    assert (direct["fidelity_seeds"], direct["fidelity_all"], direct["fidelity_on"]) == (0.95, 0.5, on)
+    assert row["route"] == route and direct["fidelity"] == (0.95 if on == "seeds" else 0.5)
+    with pytest.raises(ValueError, match=r"fidelity_on must be one of \['seeds', 'all'\], got 'synthetic'"):
+        UpgradeConfig(adapters=".", new="x", fidelity_on="synthetic")
+
+
 def test_the_report_keeps_the_old_scores_next_to_the_fidelity(fleet: Path, tmp_path: Path, monkeypatch) -> None:
     tried = _stub_routes(monkeypatch)
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.6, 0.25, 0.3, 4))
@@ -251,7 +277,8 @@ def test_the_report_keeps_the_old_scores_next_to_the_fidelity(fleet: Path, tmp_p
         "agreement": 0.6, "exact": 0.25, "kl": 0.3, "inputs": 4,  # the old scores, kept
         "fidelity": 0.7, "fidelity_basis": "kl", "fidelity_kl": 0.7, "fidelity_ll": 0.7, "kl_new": 0.5,
         "ll_per_byte": {"candidate": -1.0, "new_base": -1.5, "reference": -0.9, "old_base": -1.4}, "bytes": 10,
-        "fidelity_note": None}
+        "fidelity_note": None, "token_acc": {}, "fidelity_acc": None, "relative_token_acc": None,
+        "fidelity_on": "seeds", "fidelity_seeds": 0.7, "fidelity_all": 0.7}
     assert "direct: fidelity 0.700 < min_fidelity 0.9" in row["reason"]
     header, first, second = files["csv"].read_text().splitlines()
     assert header == ",".join(COLUMNS) and header.startswith("adapter,route,agreement,fidelity,seconds,output")

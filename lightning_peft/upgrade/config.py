@@ -14,7 +14,8 @@ from lightning_peft.upgrade.student_check import PassLine
 __all__ = ["SCORES", "SETTING_OF", "UpgradeConfig"]
 
 Score = Literal["agreement", "fidelity"]
-SCORES: tuple[str, ...] = get_args(Score)  # what `score` may name: the deciding score of a route
+SCORES: tuple[str, ...] = get_args(Score)
+FidelityInputs = Literal["seeds", "all"]  # what `score` may name: the deciding score of a route
 SETTING_OF = {"agreement": "threshold", "fidelity": "min_fidelity", "kl": "max_kl"}  # the setting of each score's line
 
 
@@ -38,6 +39,10 @@ class UpgradeConfig:
             ``benchmarks/upgrade_fleet.py``).
         min_fidelity: Fidelity a route needs to be taken with ``score="fidelity"``. Not calibrated yet: 0.8 is a
             placeholder until the zoo and real fleets are measured with it.
+        fidelity_on: The inputs the fidelity is scored on: ``"seeds"`` (the adapter's recorded real inputs; on the
+            zoo it ranks candidates by their real accuracy far better than with the synthetic ones added,
+            ``benchmarks/README.md``) or ``"all"`` (the seeds and the ``num_holdout`` held-out synthetic inputs).
+            Both values are reported either way.
         max_kl: Also take a route whose token-level KL to the reference is at most this (nats per token;
             same vocabulary only, so same-family updates; ``None``: ``score`` alone decides; either score passes with it). On the zoo the
             KL predicts real accuracy far better than the agreement does (``benchmarks/README.md``).
@@ -76,6 +81,7 @@ class UpgradeConfig:
     score: Score = "agreement"
     threshold: float = 0.8
     min_fidelity: float = 0.8
+    fidelity_on: FidelityInputs = "seeds"
     max_kl: float | None = None
     num_holdout: int = 16
     num_synthetic: int | None = None
@@ -101,6 +107,9 @@ class UpgradeConfig:
             raise ValueError(f"upgrade threshold is an agreement in [0, 1], got {self.threshold!r}; e.g. threshold=0.8")
         if self.score not in SCORES:
             raise ValueError(f"upgrade score must be one of {list(SCORES)}, got {self.score!r}; e.g. score=fidelity")
+        if self.fidelity_on not in get_args(FidelityInputs):
+            raise ValueError(f"upgrade fidelity_on must be one of {list(get_args(FidelityInputs))}, got "
+                             f"{self.fidelity_on!r}; e.g. fidelity_on=seeds")
         if isinstance(self.min_fidelity, bool) or not isinstance(self.min_fidelity, (int, float)) or not (
                 0.0 <= self.min_fidelity <= 1.0):
             raise ValueError(f"upgrade min_fidelity is a fidelity in [0, 1] (0: the bare new base, 1: the old adapter on "

@@ -77,6 +77,13 @@ class Fidelity:
             tokenizer), ``reference``, ``old_base`` (under the old one).
         bytes: UTF-8 bytes of the completions (the per-byte denominator).
         note: Why a score is ``None`` (``None`` when both that apply are defined).
+        token_acc: Teacher-forced token accuracy on the completions (the share of completion tokens each model's
+            argmax predicts), each model under its own tokenizer: ``candidate``, ``new_base``, ``reference``,
+            ``old_base``.
+        fidelity_acc: The accuracy form, ``(acc_cand - acc_new) / (acc_ref - acc_old)``: the share of the old
+            adapter's token-accuracy gain on its own completions that the candidate keeps.
+        relative_token_acc: ``acc_cand / acc_ref``: the candidate's token accuracy on the reference's completions
+            relative to the reference's own (no bare-base anchor).
     """
 
     fidelity: float | None
@@ -87,11 +94,15 @@ class Fidelity:
     ll: dict[str, float] = field(default_factory=dict)
     bytes: int = 0
     note: str | None = None
+    token_acc: dict[str, float] = field(default_factory=dict)
+    fidelity_acc: float | None = None
+    relative_token_acc: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"fidelity": self.fidelity, "fidelity_basis": self.basis, "fidelity_kl": self.fidelity_kl,
                 "fidelity_ll": self.fidelity_ll, "kl_new": self.kl_new, "ll_per_byte": dict(self.ll),
-                "bytes": self.bytes, "fidelity_note": self.note}
+                "bytes": self.bytes, "fidelity_note": self.note, "token_acc": dict(self.token_acc),
+                "fidelity_acc": self.fidelity_acc, "relative_token_acc": self.relative_token_acc}
 
 
 def _view(model: nn.Module, base: nn.Module | None, role: str) -> tuple[nn.Module, nn.Module | None]:
@@ -112,12 +123,14 @@ def _view(model: nn.Module, base: nn.Module | None, role: str) -> tuple[nn.Modul
 def _teacher_forced_sums(models: dict[str, tuple[nn.Module, nn.Module | None]], tokenizer: Any, prompts: Sequence[str],
                          completions: Sequence[str], kl_to: Sequence[str], batch_size: int) -> dict[str, float]:
     """Summed log-likelihoods of the completions under each model (key ``ll:<name>``), summed
-    ``KL(reference || <name>)`` for each name in ``kl_to`` (``kl:<name>``), and the token count (``tokens``).
+    ``KL(reference || <name>)`` for each name in ``kl_to`` (``kl:<name>``), the completion tokens each model's argmax
+    predicts (``hit:<name>``), and the token count (``tokens``).
 
     ``models`` maps a name to ``(model, adapter-off switch)``: the switch is the model whose adapters are
     turned off for this name's forward (``None``: run the model as it is). ``kl_to`` needs a ``reference``.
     """
-    sums = dict.fromkeys([f"ll:{n}" for n in models] + [f"kl:{n}" for n in kl_to] + ["tokens"], 0.0)
+    sums = dict.fromkeys([f"ll:{n}" for n in models] + [f"hit:{n}" for n in models] + [f"kl:{n}" for n in kl_to]
+                         + ["tokens"], 0.0)
     with evaluating(*{id(m): m for m, _ in models.values()}.values()):
         for batch in teacher_forced(tokenizer, prompts, completions, batch_size):
             if not batch.targets.numel():
@@ -127,7 +140,9 @@ def _teacher_forced_sums(models: dict[str, tuple[nn.Module, nn.Module | None]], 
                 with adapters_disabled(switch) if switch is not None else nullcontext():
                     logits[name] = batch.logits(model)  # (N, V)
                 lp = logits[name].log_softmax(-1)
-                sums[f"ll:{name}"] += float(lp.gather(-1, batch.targets.to(lp.device)[:, None]).sum())
+                targets = batch.targets.to(lp.device)
+                sums[f"ll:{name}"] += float(lp.gather(-1, targets[:, None]).sum())
+                sums[f"hit:{name}"] += float((lp.argmax(-1) == targets).sum())  # teacher-forced token accuracy
             for name in kl_to:
                 sums[f"kl:{name}"] += kl_sum(logits["reference"], logits[name])
             sums["tokens"] += batch.targets.numel()
@@ -195,10 +210,16 @@ def _scores(ref_sums: dict[str, float], cand_sums: dict[str, float], n_bytes: in
           "reference": ref_sums["ll:reference"] / n_bytes, "old_base": ref_sums["ll:old_base"] / n_bytes}
     f_ll, note_ll = _ratio(ll["candidate"] - ll["new_base"], ll["reference"] - ll["old_base"],
                            "the reference's per-byte log-likelihood gain over the old base")
+    acc = {name: sums[f"hit:{name}"] / max(sums["tokens"], 1.0)
+           for sums, names in ((cand_sums, ("candidate", "new_base")), (ref_sums, ("reference", "old_base")))
+           for name in names}
+    f_acc = _ratio(acc["candidate"] - acc["new_base"], acc["reference"] - acc["old_base"], "")[0]
+    by_acc = {"token_acc": acc, "fidelity_acc": f_acc,
+              "relative_token_acc": acc["candidate"] / acc["reference"] if acc["reference"] > EPS else None}
     if not same_vocabulary:
-        return Fidelity(f_ll, "ll", None, f_ll, None, ll, n_bytes, note_ll)
+        return Fidelity(f_ll, "ll", None, f_ll, None, ll, n_bytes, note_ll, **by_acc)
     tokens = cand_sums["tokens"]
     kl_new = cand_sums["kl:new_base"] / tokens if tokens else 0.0
     kl_cand = cand_sums["kl:candidate"] / tokens if tokens else 0.0
     f_kl, note_kl = _ratio(kl_new - kl_cand, kl_new, "KL(reference || new base)")
-    return Fidelity(f_kl, "kl", f_kl, f_ll, kl_new, ll, n_bytes, note_kl or note_ll)
+    return Fidelity(f_kl, "kl", f_kl, f_ll, kl_new, ll, n_bytes, note_kl or note_ll, **by_acc)

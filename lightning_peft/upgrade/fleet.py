@@ -171,7 +171,7 @@ def upgrade_adapter(folder: Path, cfg: UpgradeConfig, target: Path, models: Mode
 
     def check(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
         with budget.phase("scoring"):
-            return _score(reference, ref_tok, model, tokenizer, inputs, ref_outputs, cfg)
+            return _score(reference, ref_tok, model, tokenizer, inputs, ref_outputs, cfg, len(record.seeds))
 
     context.check = check
     scores: dict[str, dict[str, Any]] = {}
@@ -231,13 +231,25 @@ def _test_accuracy(model: nn.Module, tokenizer: Any, context: RouteContext) -> f
 
 
 def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],
-           ref_outputs: list[str], cfg: UpgradeConfig) -> dict[str, Any]:
-    """Every score of one candidate: the agreement check's (:mod:`.agreement`) and the fidelity (:mod:`.fidelity`),
-    on the same inputs and the same reference completions."""
+           ref_outputs: list[str], cfg: UpgradeConfig, num_seeds: int) -> dict[str, Any]:
+    """Every score of one candidate: the agreement check's (:mod:`.agreement`) on all the check's inputs, and the
+    fidelity (:func:`check_fidelity`), on the same reference completions."""
     scored = agreement(reference, ref_tok, model, tokenizer, inputs, reference_outputs=ref_outputs,
                        max_new_tokens=cfg.max_new_tokens)
-    kept = fidelity(reference, ref_tok, model, tokenizer, inputs, ref_outputs)
-    return {**scored.to_dict(), **kept.to_dict()}
+    return {**scored.to_dict(), **check_fidelity(reference, ref_tok, model, tokenizer, inputs, ref_outputs, num_seeds,
+                                                  cfg.fidelity_on)}
+
+
+def check_fidelity(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],
+                   ref_outputs: list[str], num_seeds: int, on: str = "seeds") -> dict[str, Any]:
+    """The fidelity (:mod:`.fidelity`) of a candidate on the adapter's seeds (its first ``num_seeds`` inputs: real task
+    inputs) and on all the check's inputs (the seeds and the held-out synthetic ones); ``on`` (``"seeds"`` or
+    ``"all"``) picks the one reported as ``fidelity`` with its details, both values are kept (``fidelity_seeds``,
+    ``fidelity_all``)."""
+    seeds = fidelity(reference, ref_tok, model, tokenizer, inputs[:num_seeds], ref_outputs[:num_seeds])
+    every = seeds if num_seeds >= len(inputs) else fidelity(reference, ref_tok, model, tokenizer, inputs, ref_outputs)
+    return {**(seeds if on == "seeds" else every).to_dict(), "fidelity_on": on, "fidelity_seeds": seeds.fidelity,
+            "fidelity_all": every.fidelity}
 
 
 def _fails(score: dict[str, Any], lines: list[PassLine]) -> str | None:
