@@ -175,15 +175,14 @@ def test_route_choice_with_a_stubbed_scorer(fleet: Path, tmp_path: Path, monkeyp
     tried = _stub_routes(monkeypatch)
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(scores[tried[-1]], 0.0, None, 1))
     monkeypatch.setattr(fleet_mod, "fidelity", lambda *a, **k: _fidelity(1.0 - scores[tried[-1]]))  # the opposite order
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.8,
-                        keep_candidates=True)
-    assert cfg.score == "agreement"  # the default decides on the agreement, as before
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
+                        threshold=0.8, keep_candidates=True)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == route and tried == (["direct"] if route == "direct" else ["direct", "translora"])
     kept = sorted(p.name for p in (tmp_path / "out" / "lora" / "candidates").iterdir())
     assert kept == sorted(tried)  # every scored candidate, taken or not
     assert row["scores"] == {r: {"agreement": s, "exact": 0.0, "kl": None, "inputs": 1, **_fidelity(1.0 - s).to_dict(),
-                                 "fidelity_on": "seeds", "fidelity_seeds": 1.0 - s, "fidelity_all": 1.0 - s}
+                                 "fidelity_on": "auto", "fidelity_seeds": 1.0 - s, "fidelity_all": 1.0 - s}
                              for r, s in scores.items() if r in tried}
     if route == "needs_data":
         assert row["output"] is None and "direct: agreement 0.500 < threshold 0.8" in row["reason"]
@@ -200,7 +199,7 @@ def test_a_small_token_kl_takes_a_route_the_agreement_does_not(fleet: Path, tmp_
                                                                 route: str) -> None:
     monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["x"], ["y"], None))
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.5, 0.0, 0.2, 1))  # low agreement, kl 0.2
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
                         routes=["direct"], threshold=0.8, max_kl=max_kl)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == route
@@ -236,10 +235,12 @@ def test_route_choice_on_the_fidelity(fleet: Path, tmp_path: Path, monkeypatch, 
     assert (meta["score"], meta["threshold"], meta["min_fidelity"]) == (score, 0.8, 0.8)
 
 
-@pytest.mark.parametrize(("on", "route"), [("seeds", "direct"), ("all", "needs_data")])
+@pytest.mark.parametrize(("on", "basis", "route"), [("seeds", "ll", "direct"), ("all", "kl", "needs_data"),
+                                                    ("auto", "kl", "direct"), ("auto", "ll", "needs_data")])
 def test_the_fidelity_decides_on_the_seeds_or_on_every_input(fleet: Path, tmp_path: Path, monkeypatch, on: str,
-                                                              route: str) -> None:
-    """The adapter's 3 recorded seeds come first among the check's inputs; ``fidelity_on`` picks which score decides."""
+                                                              basis: str, route: str) -> None:
+    """The adapter's 3 recorded seeds come first among the check's inputs; ``fidelity_on`` picks which score decides
+    (``auto``: the seeds for the KL form, one vocabulary; every input for the per-byte form, across tokenizers)."""
     _stub_routes(monkeypatch)
     monkeypatch.setattr(fleet_mod, "_check_inputs", lambda *a: (["s1", "s2", "s3", "h1"], ["a", "b", "c", "d"], None))
     monkeypatch.setattr(fleet_mod, "agreement", lambda *a, **k: Agreement(0.1, 0.0, None, 4))
@@ -247,7 +248,7 @@ def test_the_fidelity_decides_on_the_seeds_or_on_every_input(fleet: Path, tmp_pa
 
     def scored(reference, ref_tok, model, tok, prompts, completions, **kwargs) -> Fidelity:
         seen.append(list(prompts))
-        return _fidelity(0.95 if len(prompts) == 3 else 0.5)
+        return _fidelity(0.95 if len(prompts) == 3 else 0.5, basis)
 
     monkeypatch.setattr(fleet_mod, "fidelity", scored)
     cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", out=str(tmp_path / "out"),
@@ -256,8 +257,8 @@ def test_the_fidelity_decides_on_the_seeds_or_on_every_input(fleet: Path, tmp_pa
     assert seen == [["s1", "s2", "s3"], ["s1", "s2", "s3", "h1"]]
     direct = row["scores"]["direct"]
     assert (direct["fidelity_seeds"], direct["fidelity_all"], direct["fidelity_on"]) == (0.95, 0.5, on)
-    assert row["route"] == route and direct["fidelity"] == (0.95 if on == "seeds" else 0.5)
-    with pytest.raises(ValueError, match=r"fidelity_on must be one of \['seeds', 'all'\], got 'synthetic'"):
+    assert row["route"] == route and direct["fidelity"] == (0.95 if route == "direct" else 0.5)
+    with pytest.raises(ValueError, match=r"fidelity_on must be one of \['auto', 'seeds', 'all'\], got 'synthetic'"):
         UpgradeConfig(adapters=".", new="x", fidelity_on="synthetic")
 
 
@@ -278,7 +279,7 @@ def test_the_report_keeps_the_old_scores_next_to_the_fidelity(fleet: Path, tmp_p
         "fidelity": 0.7, "fidelity_basis": "kl", "fidelity_kl": 0.7, "fidelity_ll": 0.7, "kl_new": 0.5,
         "ll_per_byte": {"candidate": -1.0, "new_base": -1.5, "reference": -0.9, "old_base": -1.4}, "bytes": 10,
         "fidelity_note": None, "token_acc": {}, "fidelity_acc": None, "relative_token_acc": None,
-        "fidelity_on": "seeds", "fidelity_seeds": 0.7, "fidelity_all": 0.7}
+        "fidelity_on": "auto", "fidelity_seeds": 0.7, "fidelity_all": 0.7}
     assert "direct: fidelity 0.700 < min_fidelity 0.9" in row["reason"]
     header, first, second = files["csv"].read_text().splitlines()
     assert header == ",".join(COLUMNS) and header.startswith("adapter,route,agreement,fidelity,seconds,output")
@@ -307,7 +308,8 @@ def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fl
     broken = root / "team-c" / "broken"
     shutil.copytree(root / "team-a" / "lora", broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    cfg = UpgradeConfig(adapters=str(root), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.0, **QUICK)
+    cfg = UpgradeConfig(score="agreement", adapters=str(root), new="llama-micro-v2", out=str(tmp_path / "out"), threshold=0.0,
+                        **QUICK)
     rows = upgrade_fleet(cfg, progress=False)
     by_name = {r["adapter"]: r for r in rows}
     assert list(by_name) == ["team-a__lora", "team-b__shira", "team-c__broken"]
@@ -329,7 +331,8 @@ def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fl
 
 
 def test_translora_route_trains_a_student_on_the_new_base(fleet: Path, tmp_path: Path) -> None:
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"], threshold=0.0,
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"],
+                        threshold=0.0,
                         out=str(tmp_path / "out"), **QUICK)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == "translora" and set(row["scores"]) == {"translora"}
@@ -357,7 +360,8 @@ def test_a_student_of_another_family_is_routed_on_its_per_byte_fidelity(fleet: P
 
 def test_a_generator_out_of_budget_leaves_the_check_on_the_seeds_and_no_student(fleet: Path, tmp_path: Path) -> None:
     quick = {**QUICK, "synthesis": {**QUICK["synthesis"], "max_proposed": 1}}  # gives up after one proposal
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", threshold=0.0, out=str(tmp_path / "out"),
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", threshold=0.0,
+                        out=str(tmp_path / "out"),
                         **quick)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == "direct" and 0.0 <= row["agreement"] <= 1.0  # scored on the seeds (+ at most one input)
@@ -392,7 +396,8 @@ def test_a_calibration_run_reports_real_test_accuracy_as_lightnings_test_measure
     assert measured["token_acc"] == pytest.approx(_trainer_test_token_acc("llama-micro-v1", lora, 6), abs=1e-6)
     assert module.model.training  # left as it was
 
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["direct"], threshold=1.0,
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["direct"],
+                        threshold=1.0,
                         num_test=6, out=str(tmp_path / "out"), keep_candidates=True, **QUICK)
     (row,) = upgrade_fleet(cfg, progress=False)
     direct = row["scores"]["direct"]
@@ -540,8 +545,8 @@ def test_a_flat_student_is_stopped_and_every_phase_is_timed(fleet: Path, tmp_pat
     real_train = routes_mod.train_student
     monkeypatch.setattr(routes_mod, "train_student", lambda *a, **k: given.append(a[2].trainer_kwargs) or real_train(*a, **k))
     quick = {**QUICK, "synthesis": {**QUICK["synthesis"], "warm_steps": 8}}  # the student starts from the old adapter
-    cfg = UpgradeConfig(adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"], threshold=0.8,
-                        out=str(tmp_path / "out"), **quick)
+    cfg = UpgradeConfig(score="agreement", adapters=str(fleet / "team-a"), new="llama-micro-v2", routes=["translora"],
+                        threshold=0.8, out=str(tmp_path / "out"), **quick)
     (row,) = upgrade_fleet(cfg, progress=False)
     assert row["route"] == "needs_data" and row["output"] is None
     assert ("translora: the student cannot pass the check: stopped at step 4 of 8: agreement 0.500 now, 0.500 "
@@ -603,7 +608,7 @@ def test_conf_upgrade_yaml_mirrors_upgrade_config() -> None:
         if f.name not in set_there:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             assert conf[f.name] == default, f"conf/upgrade.yaml {f.name}: {conf[f.name]!r} vs {default!r}"
-    assert (conf["score"], conf["min_fidelity"]) == ("agreement", 0.8)
+    assert (conf["score"], conf["min_fidelity"], conf["fidelity_on"]) == ("fidelity", 0.96, "auto")
 
 
 # --------------------------------------------------------------------------- the command, as a user types it
@@ -616,7 +621,7 @@ def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards
     quick = ["num_holdout=3", "num_synthetic=4", "max_new_tokens=6", "synthesis.generator_context=256",
              "synthesis.max_new_tokens=24", "synthesis.generate_batch_size=8", "student.trainer_kwargs.max_steps=2",
              "student.data_kwargs.batch_size=4"]
-    proc = _cli("upgrade", f"adapters={fleet}", "new=llama-micro-v2", "threshold=0.0", *quick,
+    proc = _cli("upgrade", f"adapters={fleet}", "new=llama-micro-v2", "score=agreement", "threshold=0.0", *quick,
                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run" / "upgraded"
@@ -636,7 +641,7 @@ def test_upgrade_command_writes_the_report_and_the_wandb_table_and_merges_shards
 
     # a sharded sweep (Hydra multirun, two parallel jobs under the joblib launcher plugin), then the merged report
     sweep = tmp_path / "sweep"
-    proc = _cli("upgrade", "-m", f"adapters={fleet}", "new=llama-micro-v2", "routes=[direct]", "threshold=0.0",
+    proc = _cli("upgrade", "-m", f"adapters={fleet}", "new=llama-micro-v2", "routes=[direct]", "score=agreement", "threshold=0.0",
                 "shard=0,1", "num_shards=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *quick, "logger=none",
                 f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,10 +11,9 @@ inputs the adapter carries and held-out synthetic inputs) and compared:
 * ``kl``: when both tokenizers are the same (same family, v1 -> v2), the mean per-token
   KL(reference || candidate) under teacher forcing on the reference's completion, in nats.
 
-``agreement`` is what a route is accepted on by default (``score=agreement``; its threshold is
-calibrated against real test accuracy on the zoo, ``benchmarks/upgrade_fleet.py``); the fidelity
-(:mod:`.fidelity`) is scored on the same inputs and completions, through the same teacher forcing
-(:func:`teacher_forced`, :func:`kl_sum`).
+``agreement`` decides with ``score=agreement`` (it barely predicts real test accuracy on the zoo,
+``benchmarks/upgrade_fleet.py``; the default decides on the fidelity, :mod:`.fidelity`, scored on the same
+completions through the same teacher forcing: :func:`teacher_forced`, :func:`kl_sum`).
 """
 
 from __future__ import annotations

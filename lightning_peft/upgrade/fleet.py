@@ -15,8 +15,8 @@ Every candidate is scored against the old base + old adapter on the seeds and on
 inputs, on the same reference completions, by the data-free agreement check (:mod:`.agreement`:
 greedy outputs, and the token KL where the vocabularies match) and by the fidelity (:mod:`.fidelity`:
 the share of the adapter's effect kept, 0 at the bare new base, 1 at the reference); the first route
-whose deciding score (``score``: ``agreement`` >= ``threshold``, the default, or ``fidelity`` >=
-``min_fidelity``) passes, or whose KL is at most ``max_kl``, is taken. Per adapter the output folder
+whose deciding score (``score``: ``fidelity`` >= ``min_fidelity``, the default, on the seeds within one
+vocabulary and on all the check's inputs across tokenizers, ``fidelity_on``; or ``agreement`` >= ``threshold``) passes, or whose KL is at most ``max_kl``, is taken. Per adapter the output folder
 holds the new adapter (peft format, the new base's fingerprint, route and scores in its metadata,
 the record carried on); the fleet gets ``upgrade_report.{json,csv,md,png}``. A rerun skips adapters
 finished with the same settings and refuses changed settings naming the keys (``redo_changed=true``
@@ -243,13 +243,13 @@ def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any,
 def check_fidelity(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],
                    ref_outputs: list[str], num_seeds: int, on: str = "seeds") -> dict[str, Any]:
     """The fidelity (:mod:`.fidelity`) of a candidate on the adapter's seeds (its first ``num_seeds`` inputs: real task
-    inputs) and on all the check's inputs (the seeds and the held-out synthetic ones); ``on`` (``"seeds"`` or
-    ``"all"``) picks the one reported as ``fidelity`` with its details, both values are kept (``fidelity_seeds``,
-    ``fidelity_all``)."""
+    inputs) and on all the check's inputs (the seeds and the held-out synthetic ones); ``on`` (``"seeds"``, ``"all"``,
+    or ``"auto"``: the seeds for the KL form, all for the per-byte form, :class:`~.config.UpgradeConfig`) picks the one
+    reported as ``fidelity`` with its details, both values are kept (``fidelity_seeds``, ``fidelity_all``)."""
     seeds = fidelity(reference, ref_tok, model, tokenizer, inputs[:num_seeds], ref_outputs[:num_seeds])
     every = seeds if num_seeds >= len(inputs) else fidelity(reference, ref_tok, model, tokenizer, inputs, ref_outputs)
-    return {**(seeds if on == "seeds" else every).to_dict(), "fidelity_on": on, "fidelity_seeds": seeds.fidelity,
-            "fidelity_all": every.fidelity}
+    chosen = seeds if on == "seeds" or (on == "auto" and seeds.basis == "kl") else every
+    return {**chosen.to_dict(), "fidelity_on": on, "fidelity_seeds": seeds.fidelity, "fidelity_all": every.fidelity}
 
 
 def _fails(score: dict[str, Any], lines: list[PassLine]) -> str | None:
