@@ -72,6 +72,16 @@ def test_the_reference_scores_1_and_the_bare_new_base_0(llama: dict) -> None:
     bare = fidelity(ref, tok, new, tok, PROMPTS, completions, new_base=new)
     assert bare.fidelity == bare.fidelity_kl == bare.fidelity_ll == 0.0
     assert bare.kl_new > 0.05  # the adapter moves the distribution: the 0 anchor is far from the reference
+    # the token-accuracy forms: the same anchors, and the accuracies by hand
+    assert itself.fidelity_acc == pytest.approx(1.0) and itself.relative_token_acc == pytest.approx(1.0)
+    assert bare.fidelity_acc == 0.0
+    hits = tokens = 0
+    for batch in teacher_forced(tok, PROMPTS, completions):
+        with torch.no_grad():
+            hits += int((batch.logits(new.eval()).argmax(-1) == batch.targets).sum())
+        tokens += batch.targets.numel()
+    assert bare.token_acc["candidate"] == bare.token_acc["new_base"] == pytest.approx(hits / tokens)
+    assert bare.relative_token_acc == pytest.approx(bare.token_acc["candidate"] / bare.token_acc["reference"])
 
 
 def test_a_scaled_down_adapter_scores_between_and_in_order(llama: dict) -> None:

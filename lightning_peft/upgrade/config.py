@@ -14,8 +14,8 @@ from lightning_peft.upgrade.student_check import PassLine
 __all__ = ["SCORES", "SETTING_OF", "UpgradeConfig"]
 
 Score = Literal["agreement", "fidelity"]
-SCORES: tuple[str, ...] = get_args(Score)
-FidelityInputs = Literal["auto", "seeds", "all"]  # what `score` may name: the deciding score of a route
+SCORES: tuple[str, ...] = get_args(Score)  # what `score` may name: the deciding score of a route
+FidelityInputs = Literal["auto", "seeds", "all"]  # what `fidelity_on` may name: the inputs the fidelity is scored on
 SETTING_OF = {"agreement": "threshold", "fidelity": "min_fidelity", "kl": "max_kl"}  # the setting of each score's line
 
 
@@ -36,9 +36,9 @@ class UpgradeConfig:
             the bare new base, 0, and the old base + old adapter, 1, at least ``min_fidelity``;
             :mod:`lightning_peft.upgrade.fidelity`). Both, and the KL, are reported for every candidate either way.
         threshold: Agreement a route needs to be taken with ``score="agreement"`` (the agreement barely predicts
-            real accuracy on the zoo: rank correlation 0.30, ``benchmarks/upgrade_fleet.py``).
+            real accuracy on the zoo: rank correlation 0.32, ``benchmarks/upgrade_fleet.py``).
         min_fidelity: Fidelity a route needs to be taken with ``score="fidelity"`` (the default). Calibrated on the
-            zoo (``benchmarks/upgrade_fleet.py``, 54 candidates of 36 adapters, 3 seeds): the smallest value at which
+            zoo (``benchmarks/upgrade_fleet.py``, 62 candidates of 42 adapter-target pairs): the smallest value at which
             every route taken keeps >= 0.85x of the source's real accuracy (0.876-0.916x; no value keeps 0.9x
             everywhere, the routes between 0.94 and 0.96 keep 0.72-0.94x). Not yet checked on real checkpoints.
         fidelity_on: The inputs the fidelity is scored on: ``"seeds"`` (the adapter's recorded real inputs), ``"all"``
