@@ -328,6 +328,12 @@ def test_fleet_resumes_refuses_changed_settings_and_survives_a_broken_adapter(fl
     changed = UpgradeConfig(**{**cfg.__dict__, "threshold": 0.5})
     with pytest.raises(SettingsChangedError, match=r"threshold: before 0.0 vs now 0.5"):
         upgrade_fleet(changed, progress=False)
+    # redo_changed redoes everything with the new settings, the cached synthetic set too (not "failed" on it)
+    hotter = UpgradeConfig(**{**cfg.__dict__, "synthesis": {**cfg.synthesis, "temperature": 0.7}, "redo_changed": True})
+    redone = {r["adapter"]: r for r in upgrade_fleet(hotter, progress=False)}
+    assert redone["team-a__lora"]["route"] == redone["team-b__shira"]["route"] == "direct", redone
+    header = lp.transfer.SyntheticSet.load(tmp_path / "out" / "team-a__lora" / "synthetic.jsonl").header
+    assert header["sampling"]["temperature"] == 0.7
 
 
 def test_translora_route_trains_a_student_on_the_new_base(fleet: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from lightning_peft.adapter_io import AdapterFormatError
 from lightning_peft.budget import TimeBudget
 from lightning_peft.model_loader import ModelLoader
 from lightning_peft.transfer import (
+    ProvenanceMismatchError,
     StudentConfig,
     SynthesisShortError,
     SyntheticSet,
@@ -111,10 +112,19 @@ class RouteContext:
         )
 
     def synthesize(self, count: int) -> SyntheticSet:
-        """The first ``count`` synthetic examples (cached in ``target``: a larger count continues the set); when the
-        generator runs out of budget first, what it kept (logged)."""
+        """The first ``count`` synthetic examples (cached in ``target``: a larger count continues the set; a set made
+        with other settings is made again with ``redo_changed``, else refused); when the generator runs out of budget
+        first, what it kept (logged)."""
         try:
-            return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
+            try:
+                return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
+            except ProvenanceMismatchError:
+                if not self.cfg.redo_changed:
+                    raise
+                log.info("upgrade: %s: the cached synthetic set was made with other settings; made again "
+                         "(redo_changed=true)", self.target.name)
+                (self.target / SYNTHETIC_FILE).unlink()
+                return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
         except SynthesisShortError as exc:  # the check judges what was kept, on the seeds at least
             synthetic = SyntheticSet.load(self.target / SYNTHETIC_FILE)
             log.warning("upgrade: %s: %s; going on with the %d kept", self.target.name, exc, len(synthetic.accepted))
