@@ -87,18 +87,15 @@ def rescore(adapter: Path, source_base: str, target: str, upgraded: Path, routes
         return json.loads(cache.read_text())
     from lightning_peft.adapter_folder import AdapterFolder
     from lightning_peft.model_loader import ModelLoader
-    from lightning_peft.transfer.models import greedy_completions
     from lightning_peft.transfer.provenance import SyntheticSet
-    from lightning_peft.upgrade.fleet import check_fidelity
+    from lightning_peft.upgrade.fleet import check_fidelity, check_inputs
 
     loader = ModelLoader(keep=2)
     reference, ref_tok = loader.load(source_base, adapter)
     seeds = AdapterFolder(adapter).record.seeds
     synthetic = upgraded / "synthetic.jsonl"
-    holdout = SyntheticSet.load(synthetic).accepted[: DEFAULTS.num_holdout] if synthetic.is_file() else []
-    inputs = list(seeds) + [r["input"] for r in holdout]
-    outputs = greedy_completions(reference, ref_tok, seeds, max_new_tokens=DEFAULTS.max_new_tokens, progress=False)
-    outputs += [r["output"] for r in holdout]
+    inputs, outputs = check_inputs(reference, ref_tok, seeds, SyntheticSet.load(synthetic) if synthetic.is_file() else None,
+                                   DEFAULTS)
     out = {route: check_fidelity(reference, ref_tok, *loader.load(target, upgraded / "candidates" / route, other_base=True),
                                  inputs, outputs, len(seeds), DEFAULTS.fidelity_on) for route in routes}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +260,8 @@ def main() -> None:
     points = [{**{key: r[route].get(key) for key in SCORE_KEYS},
                "fidelity_basis": r[route].get("fidelity_basis"), "relative_acc": r[route]["relative_acc"],
                "route": route, "target": r["target"], "cross_family": r["cross_family"]} for r in rows for route in ROUTE_ORDER if route in r]
-    threshold, max_kl = calibrate(points, args.goal) or 1.0, calibrate_kl(points, args.goal)  # 1.0: route nothing
+    threshold, max_kl = calibrate(points, args.goal), calibrate_kl(points, args.goal)
+    threshold = 1.0 if threshold is None else threshold  # route nothing
     min_fidelity = calibrate(points, args.goal, "fidelity")
     default = DEFAULTS.pass_lines()
     rules = {"defaults (" + describe(default) + ")": default,

@@ -16,7 +16,8 @@ inputs, on the same reference completions, by the data-free agreement check (:mo
 greedy outputs, and the token KL where the vocabularies match) and by the fidelity (:mod:`.fidelity`:
 the share of the adapter's effect kept, 0 at the bare new base, 1 at the reference); the first route
 whose deciding score (``score``: ``fidelity`` >= ``min_fidelity``, the default, on the seeds within one
-vocabulary and on all the check's inputs across tokenizers, ``fidelity_on``; or ``agreement`` >= ``threshold``) passes, or whose KL is at most ``max_kl``, is taken. Per adapter the output folder
+vocabulary and on all the check's inputs across tokenizers, ``fidelity_on``; or ``agreement`` >= ``threshold``)
+passes, or whose KL is at most ``max_kl``, is taken. Per adapter the output folder
 holds the new adapter (peft format, the new base's fingerprint, route and scores in its metadata,
 the record carried on); the fleet gets ``upgrade_report.{json,csv,md,png}``. A rerun skips adapters
 finished with the same settings and refuses changed settings naming the keys (``redo_changed=true``
@@ -54,7 +55,7 @@ from lightning_peft.upgrade.fidelity import fidelity
 from lightning_peft.upgrade.routes import ROUTES, Candidate, RouteContext, RouteSkipped
 from lightning_peft.upgrade.student_check import PassLine, passes
 
-__all__ = ["NoSeedsError", "find_adapters", "upgrade_adapter", "upgrade_fleet"]
+__all__ = ["NoSeedsError", "check_fidelity", "check_inputs", "find_adapters", "upgrade_adapter", "upgrade_fleet"]
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def _score(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any,
 
 
 def check_fidelity(reference: nn.Module, ref_tok: Any, model: nn.Module, tokenizer: Any, inputs: list[str],
-                   ref_outputs: list[str], num_seeds: int, on: str = "seeds") -> dict[str, Any]:
+                   ref_outputs: list[str], num_seeds: int, on: str) -> dict[str, Any]:
     """The fidelity (:mod:`.fidelity`) of a candidate on the adapter's seeds (its first ``num_seeds`` inputs: real task
     inputs) and on all the check's inputs (the seeds and the held-out synthetic ones); ``on`` (``"seeds"``, ``"all"``,
     or ``"auto"``: the seeds for the KL form, all for the per-byte form, :class:`~.config.UpgradeConfig`) picks the one
@@ -274,11 +275,19 @@ def _check_inputs(context: RouteContext, reference: nn.Module, ref_tok: Any) -> 
             "with UpgradeRecord(num_seeds=5) (lightning-peft train does), or retrain this one with its data"
         )
     synthetic = context.synthesize(cfg.num_holdout)  # short of budget: the check runs on the seeds and what was kept
-    holdout = synthetic.accepted[: cfg.num_holdout]
     with context.budget.phase("scoring"):
-        seed_out = greedy_completions(reference, ref_tok, record.seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
-    inputs = list(record.seeds) + [r["input"] for r in holdout]
-    return inputs, seed_out + [r["output"] for r in holdout], synthetic
+        inputs, outputs = check_inputs(reference, ref_tok, record.seeds, synthetic, cfg)
+    return inputs, outputs, synthetic
+
+
+def check_inputs(reference: nn.Module, ref_tok: Any, seeds: list[str], synthetic: Any,
+                 cfg: UpgradeConfig) -> tuple[list[str], list[str]]:
+    """What every candidate of an adapter is scored on: its ``seeds``, then the first ``cfg.num_holdout`` accepted
+    inputs of its synthetic set (a :class:`~lightning_peft.transfer.SyntheticSet`, ``None``: none), with the
+    reference's completions (its greedy outputs on the seeds, the set's teacher labels on the rest)."""
+    holdout = synthetic.accepted[: cfg.num_holdout] if synthetic is not None else []
+    seed_out = greedy_completions(reference, ref_tok, seeds, max_new_tokens=cfg.max_new_tokens, progress=False)
+    return list(seeds) + [r["input"] for r in holdout], seed_out + [r["output"] for r in holdout]
 
 
 def _save(candidate: Candidate, path: Path, route: str, score: dict[str, Any], context: RouteContext) -> Path:

@@ -115,18 +115,18 @@ class RouteContext:
         """The first ``count`` synthetic examples (cached in ``target``: a larger count continues the set; a set made
         with other settings is made again with ``redo_changed``, else refused); when the generator runs out of budget
         first, what it kept (logged)."""
+        cache = self.target / SYNTHETIC_FILE
         try:
             try:
                 return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
             except ProvenanceMismatchError:
                 if not self.cfg.redo_changed:
                     raise
-                log.info("upgrade: %s: the cached synthetic set was made with other settings; made again "
-                         "(redo_changed=true)", self.target.name)
-                (self.target / SYNTHETIC_FILE).unlink()
+                log.info("upgrade: %s: synthetic set made again with the current settings (redo_changed)", self.target.name)
+                cache.unlink()
                 return synthesize(self.transfer_config(count), models=self.models, budget=self.budget)
         except SynthesisShortError as exc:  # the check judges what was kept, on the seeds at least
-            synthetic = SyntheticSet.load(self.target / SYNTHETIC_FILE)
+            synthetic = SyntheticSet.load(cache)
             log.warning("upgrade: %s: %s; going on with the %d kept", self.target.name, exc, len(synthetic.accepted))
             return synthetic
 
